@@ -1,0 +1,83 @@
+"""Command-line flags shared by main_pretrain.py, main_finetune.py and main_linprobe.py.
+
+The defaults are those of the original main_pretrain.py; the finetune and linear-probe scripts
+change theirs with parser.set_defaults(...).
+"""
+
+
+def add_common_args(parser):
+    """Add the shared flags to an argparse.ArgumentParser and return it."""
+    # optimisation
+    parser.add_argument("--batch_size", default=64, type=int,
+                        help="batch size per GPU (effective batch = batch_size * accum_iter * world_size)")
+    parser.add_argument("--epochs", default=400, type=int)
+    parser.add_argument("--accum_iter", default=1, type=int,
+                        help="accumulate gradients over this many iterations (keeps the effective batch "
+                             "under memory limits)")
+    parser.add_argument("--weight_decay", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=None, metavar="LR",
+                        help="learning rate (absolute lr); default: blr * effective batch / 256")
+    parser.add_argument("--blr", type=float, default=1e-3, metavar="LR",
+                        help="base learning rate: absolute_lr = base_lr * effective batch / 256")
+    parser.add_argument("--min_lr", type=float, default=0.0, metavar="LR",
+                        help="lower lr bound for the cosine schedule (reached at the last epoch)")
+    parser.add_argument("--warmup_epochs", type=int, default=40, metavar="N", help="epochs of linear lr warmup")
+
+    # model and data
+    parser.add_argument("--model", default="mae_vit_large_patch16", type=str, metavar="MODEL",
+                        help="name of the model to train")
+    parser.add_argument("--input_size", default=224, type=int, help="image size (pixels)")
+    parser.add_argument("--data_path", default="./data", type=str,
+                        help="dataset root holding train/ and val/ ImageFolder trees")
+    parser.add_argument("--num_workers", default=10, type=int)
+    parser.add_argument("--pin_mem", action="store_true",
+                        help="pin CPU memory in the DataLoader for faster transfer to the GPU")
+    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    parser.set_defaults(pin_mem=True)
+    parser.add_argument("--skip_bad_images", action="store_true",
+                        help="skip images that fail to decode (with a warning) instead of stopping")
+
+    # output, logging and checkpoints
+    parser.add_argument("--output_dir", default="./output_dir", help="where to save checkpoints and log.txt")
+    parser.add_argument("--log_dir", default="./output_dir", help="where to write tensorboard logs")
+    parser.add_argument("--log_freq", default=20, type=int, help="print metrics every N iterations")
+    parser.add_argument("--save_freq", default=20, type=int,
+                        help="save checkpoint-<epoch>.pth every N epochs (the last epoch is always saved)")
+    parser.add_argument("--save_every_iters", default=0, type=int,
+                        help="if > 0, refresh checkpoint-last.pth every N iterations (mid-epoch resume)")
+    parser.add_argument("--resume", default="", help="resume from this checkpoint (path or URL)")
+    parser.add_argument("--auto_resume", action="store_true",
+                        help="when --resume is empty, resume from the most advanced checkpoint in output_dir")
+    parser.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
+    parser.set_defaults(auto_resume=True)
+    parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
+    parser.add_argument("--unsafe_load", action="store_true",
+                        help="load checkpoints with weights_only=False; this can run arbitrary code, "
+                             "use it only for files you trust")
+
+    # device, precision and reproducibility
+    parser.add_argument("--device", default="cuda", help="device to use for training / testing")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="auto: bf16 on a CUDA GPU that supports it, fp16 on older GPUs, fp32 on CPU")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    # distributed training
+    parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
+    parser.add_argument("--local_rank", "--local-rank", default=-1, type=int, dest="local_rank")
+    parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    parser.add_argument("--dist_timeout", default=30, type=float,
+                        help="minutes a collective may wait for a peer before the run fails")
+    return parser
+
+
+def resolve_lr(args):
+    """Derive the absolute lr from the base lr when --lr is not given (linear scaling rule)."""
+    eff_batch_size = args.batch_size * args.accum_iter * args.world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    print("base lr: %.2e" % (args.lr * 256 / eff_batch_size))
+    print("actual lr: %.2e" % args.lr)
+    print("accumulate grad iterations: %d" % args.accum_iter)
+    print("effective batch size: %d" % eff_batch_size)
+    return args.lr
