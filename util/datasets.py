@@ -1,0 +1,379 @@
+"""Datasets and transforms for pretraining, finetuning and linear probing.
+
+- build_dataset: an ImageFolder over <data_path>/train or <data_path>/val with clear errors for
+  a wrong layout and for unreadable images (optionally skipped with a warning).
+- build_pretrain_transform / build_transform / build_linprobe_transform: the original MAE
+  augmentations (ImageNet mean/std normalisation).
+- SeededSampler: yields (index, sample_seed) so that each sample's augmentation depends only on
+  (seed, epoch, index), not on the DataLoader's workers; supports mid-epoch resume.
+- benchmark_transform: images/s of decode + transform on one CPU thread.
+"""
+import contextlib
+import glob
+import itertools
+import os
+import random
+import time
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from util.crop import RandomResizedCrop
+
+# What PIL raises for files it cannot decode (UnidentifiedImageError and "image file is
+# truncated" are OSErrors; some broken headers raise SyntaxError).
+BAD_IMAGE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
+
+
+def _pair(size):
+    """int or (h, w) -> (h, w)."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+# ---------------------------------------------------------------------------------------------
+
+def _normalize_lut(mean, std):
+    """(3, 256) float32 table of ToTensor + Normalize applied to every uint8 value.
+
+    Built with the very torchvision ops it replaces, so looking pixels up in it gives the same
+    bits as ToTensor + Normalize (the tests check this).
+    """
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # (1, 256, 3)
+    lut = F.normalize(F.to_tensor(Image.fromarray(ramp)), mean, std)  # (3, 1, 256)
+    return lut.reshape(3, 256).numpy()
+
+
+def _draft_jpeg(img, box, size):
+    """Ask libjpeg to decode img at 1/s scale (s = 8, 4 or 2, the largest that keeps the crop box
+    at least s times the output size in both dimensions). Returns the image and the box in the
+    reduced image's coordinates. Does nothing for non-JPEGs or already decoded images."""
+    out_h, out_w = size
+    crop_w, crop_h = box[2] - box[0], box[3] - box[1]
+    fits = [s for s in (2, 4, 8) if crop_w >= s * out_w and crop_h >= s * out_h]
+    if not fits or img.format != "JPEG" or img.mode != "RGB":
+        return img, box
+    s = max(fits)
+    full_w = img.size[0]
+    drafted = img.draft(None, (full_w // s, img.size[1] // s))  # -> (mode, (0, 0, W/s, H/s))
+    if drafted is None:
+        return img, box
+    scale = full_w / drafted[1][2]
+    return img, tuple(c / scale for c in box)
+
+
+class PretrainTransform:
+    """RandomResizedCrop(size, scale, ratio, bicubic) + RandomHorizontalFlip(0.5) + ToTensor +
+    Normalize(mean, std) in one callable, faster than the torchvision Compose but equal to it.
+
+    With fast_decode off (default) the output is bit-identical to the Compose under the same
+    torch RNG state: the same get_params draw, the same PIL crop + bicubic resize, the same flip
+    draw, and ToTensor + Normalize through an exact 256-entry lookup table.
+
+    It accepts a PIL image that is opened but not decoded yet (`lazy_decode = True`, see
+    load_and_transform): the crop box is drawn on the header's size, so with fast_decode a
+    JPEG whose crop box is >= 2x (4x, 8x) the output in both dimensions is decoded at 1/2 (1/4,
+    1/8) scale by libjpeg's DCT scaling. This keeps the distribution of crop boxes and flips
+    but changes pixel values a little (DCT-domain downscaling is a different low-pass filter
+    than PIL's bicubic), which is why it is off by default.
+    """
+
+    lazy_decode = True
+
+    def __init__(self, size, scale=(0.2, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
+                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, fast_decode=False):
+        self.size = _pair(size)  # (h, w)
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.fast_decode = fast_decode
+        self.lut = _normalize_lut(mean, std)  # (3, 256)
+
+    def __call__(self, img):
+        i, j, h, w = transforms.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+        box = (j, i, j + w, i + h)  # (left, upper, right, lower)
+        out_wh = self.size[::-1]
+        if self.fast_decode:
+            img, box = _draft_jpeg(img, box, self.size)
+        if img.mode != "RGB":
+            img = img.convert("RGB")  # decodes; the same conversion as ImageFolder's loader
+        if all(isinstance(c, int) for c in box):
+            img = img.crop(box).resize(out_wh, Image.BICUBIC)  # = F.resized_crop on PIL
+        else:
+            img = img.resize(out_wh, Image.BICUBIC, box=box)  # sub-pixel box after a draft
+        flip = torch.rand(1) < 0.5  # RandomHorizontalFlip's draw
+        return self._to_normalized_tensor(img, flip)
+
+    def _to_normalized_tensor(self, img, flip):
+        pixels = np.asarray(img)  # (H, W, 3) uint8
+        if flip:
+            pixels = pixels[:, ::-1]
+        out = np.empty((3,) + pixels.shape[:2], dtype=np.float32)  # (3, H, W)
+        for c in range(3):
+            np.take(self.lut[c], pixels[..., c], out=out[c])
+        return torch.from_numpy(out)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, "
+                f"ratio={tuple(round(r, 4) for r in self.ratio)}, interpolation=bicubic, "
+                f"hflip=0.5, fast_decode={self.fast_decode})")
+
+
+def build_pretrain_transform(args):
+    """RandomResizedCrop(input_size, scale=(0.2, 1), bicubic) + flip + ToTensor + Normalize."""
+    return PretrainTransform(args.input_size, fast_decode=getattr(args, "fast_decode", False))
+
+
+def build_eval_transform(input_size):
+    """Resize to input_size / 0.875 (bicubic; no margin above 224 px) + centre crop."""
+    h, w = _pair(input_size)
+    crop_pct = 224 / 256 if max(h, w) <= 224 else 1.0
+    resize = int(max(h, w) / crop_pct)  # the shorter side; = original's for square sizes
+    return transforms.Compose([
+        transforms.Resize(resize, interpolation=InterpolationMode.BICUBIC),
+        transforms.CenterCrop((h, w)),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
+def build_transform(is_train, args):
+    """Finetuning: timm's RandAugment + random erasing pipeline for training, else eval."""
+    if not is_train:
+        return build_eval_transform(args.input_size)
+    return create_transform(
+        input_size=args.input_size,
+        is_training=True,
+        color_jitter=getattr(args, "color_jitter", None),
+        auto_augment=getattr(args, "aa", "rand-m9-mstd0.5-inc1"),
+        interpolation="bicubic",
+        re_prob=getattr(args, "reprob", 0.25),
+        re_mode=getattr(args, "remode", "pixel"),
+        re_count=getattr(args, "recount", 1),
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+    )
+
+
+def build_linprobe_transform(is_train, args):
+    """Linear probe: TF-style RandomResizedCrop (bicubic) + flip for training, else eval."""
+    if not is_train:
+        return build_eval_transform(args.input_size)
+    return transforms.Compose([
+        RandomResizedCrop(args.input_size, interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset
+# ---------------------------------------------------------------------------------------------
+
+class BadImageError(OSError):
+    """An image file that PIL cannot decode; the message names the file."""
+
+
+class BadImageWarning(UserWarning):
+    """Emitted once per file (per process) when --skip_bad_images skips it."""
+
+
+def load_and_transform(path, transform):
+    """Open the image at path and apply transform to it.
+
+    Like ImageFolder's loader the image is converted to RGB first, except for transforms that
+    decode it themselves (`transform.lazy_decode`), which get the opened, undecoded image.
+    """
+    with Image.open(path) as img:
+        if transform is not None and getattr(transform, "lazy_decode", False):
+            return transform(img)
+        img = img.convert("RGB")
+    return img if transform is None else transform(img)
+
+
+def sample_seed(seed, epoch, index, stream=0):
+    """A deterministic 63-bit seed for (seed, epoch, index); stream separates independent uses.
+    All arguments must be non-negative integers."""
+    words = [int(seed), int(epoch), int(index), int(stream)]  # fixed length: no padding clashes
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed):
+    """Seed the CPU RNGs of torch, random and numpy (a 32-bit fold) inside the block, and put
+    their previous states back afterwards (the caller's RNG streams are left untouched)."""
+    if seed is None:
+        yield
+        return
+    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.default_generator.manual_seed(seed)  # CPU only: CUDA generators stay as they are
+    random.seed(seed)
+    np.random.seed((seed ^ (seed >> 32)) & 0xFFFFFFFF)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+class ImageFolderDataset(datasets.ImageFolder):
+    """ImageFolder with clear layout errors, named bad files, and per-sample seeding.
+
+    __getitem__ takes an index, or an (index, sample_seed) pair from SeededSampler: then the
+    transform runs with torch / random / numpy seeded from sample_seed, so the augmentation of a
+    sample is the same whatever process or worker computes it.
+
+    An unreadable image raises BadImageError naming the file; with skip_bad_images=True it is
+    reported once (BadImageWarning) and the next index (wrapping around, same seed) is returned
+    instead. The set of files already reported is per process: nothing is shared by workers.
+    """
+
+    def __init__(self, root, transform=None, target_transform=None, skip_bad_images=False):
+        super().__init__(root, transform=transform, target_transform=target_transform, allow_empty=True)
+        self.skip_bad_images = skip_bad_images
+        self._reported = set()
+        counts = np.bincount(np.asarray(self.targets, dtype=np.int64), minlength=len(self.classes))
+        empty = [c for c, n in zip(self.classes, counts) if n == 0]
+        if empty:
+            raise FileNotFoundError(
+                f"class folder(s) with no images in {root}: {', '.join(empty)}; expected image "
+                f"files ({', '.join(IMG_EXTENSIONS)}) in {root}/<class>/")
+
+    def find_classes(self, directory):
+        try:
+            return super().find_classes(directory)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"no class folders in {directory}: expected an ImageFolder layout "
+                f"{directory}/<class>/<image>") from e
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        for _ in range(len(self.samples)):
+            path, target = self.samples[index]
+            try:
+                with seeded_rngs(seed):
+                    sample = load_and_transform(path, self.transform)
+            except BAD_IMAGE_ERRORS as e:
+                if not self.skip_bad_images:
+                    raise BadImageError(f"cannot read image {path}: {e} (use --skip_bad_images to "
+                                        "skip unreadable images with a warning)") from e
+                self._report(path, e)
+                index = (index + 1) % len(self.samples)
+                continue
+            if self.target_transform is not None:
+                target = self.target_transform(target)
+            return sample, target
+        raise BadImageError(f"no readable image in {self.root}")
+
+    def _report(self, path, error):
+        if path not in self._reported:
+            self._reported.add(path)
+            warnings.warn(f"skipping unreadable image {path}: {error}", BadImageWarning, stacklevel=3)
+
+
+def _split_root(data_path, split):
+    """<data_path>/<split>, checked, or an error that says what layout is expected."""
+    layout = f"expected an ImageFolder layout {data_path or '<data_path>'}/{split}/<class>/<image>"
+    if not data_path:
+        raise ValueError(f"--data_path is not set; {layout}")
+    if not os.path.exists(data_path):
+        raise FileNotFoundError(f"--data_path {data_path} does not exist; {layout}")
+    if not os.path.isdir(data_path):
+        raise FileNotFoundError(f"--data_path {data_path} is not a folder; {layout}")
+    root = os.path.join(data_path, split)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"no '{split}' folder in {data_path} ({root} is missing); {layout}")
+    return root
+
+
+def build_dataset(is_train, args, transform):
+    """ImageFolderDataset over <args.data_path>/train (is_train) or <args.data_path>/val."""
+    root = _split_root(getattr(args, "data_path", None), "train" if is_train else "val")
+    return ImageFolderDataset(root, transform, skip_bad_images=getattr(args, "skip_bad_images", False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler
+# ---------------------------------------------------------------------------------------------
+
+class SeededSampler(torch.utils.data.Sampler):
+    """Wraps a sampler and yields (index, sample_seed(seed, epoch, index)) pairs.
+
+    set_epoch(epoch) is forwarded to the wrapped sampler (DistributedSampler reshuffles with
+    it). A RandomSampler's generator is re-seeded from (seed, epoch) at every epoch, so its
+    order too is a function of (seed, epoch). set_start(k) skips the first k samples of the
+    current epoch (mid-epoch resume; k counts this process's samples) until the next set_epoch.
+    Use the same seed on every rank. DistributedSampler's padding repeats a few indices; a
+    repeated index gets the same seed, hence the same augmentation.
+    """
+
+    def __init__(self, sampler, seed):
+        self.sampler = sampler
+        self.seed = seed
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.start = 0
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def set_start(self, k):
+        self.start = k
+
+    def __len__(self):
+        return max(len(self.sampler) - self.start, 0)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({type(self.sampler).__name__}, seed={self.seed}, "
+                f"epoch={self.epoch}, start={self.start})")
+
+    def __iter__(self):
+        if isinstance(self.sampler, torch.utils.data.RandomSampler):
+            if self.sampler.generator is None:
+                self.sampler.generator = torch.Generator()
+            self.sampler.generator.manual_seed(sample_seed(self.seed, self.epoch, 0, stream=1))
+        for index in itertools.islice(self.sampler, self.start, None):
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark
+# ---------------------------------------------------------------------------------------------
+
+def benchmark_transform(folder, transform, n=200):
+    """Images per second of decode + transform, single process and one torch thread, over the
+    first n images found (recursively) under folder. Files are read once beforehand so the
+    page cache does not favour one run over another."""
+    paths = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+                   if has_file_allowed_extension(p, IMG_EXTENSIONS))[:n]
+    if not paths:
+        raise FileNotFoundError(f"no images under {folder}")
+    for p in paths:
+        with open(p, "rb") as f:
+            f.read()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for p in paths[:5]:  # warm-up
+            load_and_transform(p, transform)
+        start = time.perf_counter()
+        for p in paths:
+            load_and_transform(p, transform)
+        return len(paths) / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
