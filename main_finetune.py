@@ -1,0 +1,301 @@
+"""MAE end-to-end finetuning (He et al., arXiv 2111.06377, Sec. A.2) of a ViT classifier.
+
+ViT-B from the released pretrained encoder on 4 nodes x 8 GPUs (effective batch 1024):
+    torchrun --nproc_per_node=8 --nnodes=4 ... main_finetune.py --batch_size 32 \
+        --model vit_base_patch16 --finetune mae_pretrain_vit_base.pth --epochs 100 --blr 5e-4 \
+        --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 \
+        --cutmix 1.0 --dist_eval --data_path /path/to/imagenet
+Evaluate a finetuned checkpoint:
+    python main_finetune.py --eval --resume mae_finetuned_vit_base.pth --model vit_base_patch16 \
+        --batch_size 16 --data_path /path/to/imagenet
+
+Writes to --output_dir: checkpoint-<epoch>.pth (every --save_freq epochs and the last),
+checkpoint-best.pth (when the test top-1 improves), log.txt (one JSON line per epoch with the
+train_* and test_* metrics); TensorBoard events to --log_dir.
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.backends.cudnn as cudnn
+from timm.data import Mixup
+from timm.layers import trunc_normal_
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.tensorboard import SummaryWriter
+
+import models_vit
+import util.lr_decay as lrd
+import util.misc as misc
+from engine_finetune import evaluate, load_pretrained_encoder, train_one_epoch
+from util.args import add_common_args, resolve_lr
+from util.datasets import SeededSampler, build_dataset, build_transform
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("MAE fine-tuning for image classification", add_help=True)
+    add_common_args(parser)
+    # model
+    parser.add_argument("--patch_size", default=None, type=int, help="override the model's patch size")
+    parser.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path rate")
+    # optimizer
+    parser.add_argument("--clip_grad", type=float, default=None, metavar="NORM",
+                        help="clip gradient norm (default: none)")
+    parser.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay from ELECTRA/BEiT")
+    # augmentation
+    parser.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
+                        help="color jitter factor (enabled only when not using auto augment)")
+    parser.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
+                        help='auto augment policy, e.g. "v0" or "original" (default: rand-m9-mstd0.5-inc1)')
+    parser.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    # random erase
+    parser.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erase prob")
+    parser.add_argument("--remode", type=str, default="pixel", help="random erase mode")
+    parser.add_argument("--recount", type=int, default=1, help="random erase count")
+    parser.add_argument("--resplit", action="store_true", default=False,
+                        help="do not random erase the first (clean) augmentation split (unused, as in the original)")
+    # mixup / cutmix
+    parser.add_argument("--mixup", type=float, default=0, help="mixup alpha, mixup enabled if > 0")
+    parser.add_argument("--cutmix", type=float, default=0, help="cutmix alpha, cutmix enabled if > 0")
+    parser.add_argument("--cutmix_minmax", type=float, nargs="+", default=None,
+                        help="cutmix min/max ratio, overrides alpha and enables cutmix if set")
+    parser.add_argument("--mixup_prob", type=float, default=1.0,
+                        help="probability of performing mixup or cutmix when either/both is enabled")
+    parser.add_argument("--mixup_switch_prob", type=float, default=0.5,
+                        help="probability of switching to cutmix when both mixup and cutmix are enabled")
+    parser.add_argument("--mixup_mode", type=str, default="batch",
+                        help='how to apply mixup/cutmix params: per "batch", "pair" or "elem"')
+    # finetuning
+    parser.add_argument("--finetune", default="", help="initialise from this pretraining checkpoint")
+    parser.add_argument("--global_pool", action="store_true")
+    parser.add_argument("--cls_token", action="store_false", dest="global_pool",
+                        help="use the class token instead of global pooling for classification")
+    parser.add_argument("--nb_classes", default=1000, type=int, help="number of classification types")
+    parser.add_argument("--eval", action="store_true", help="only evaluate (the --resume checkpoint)")
+    parser.add_argument("--dist_eval", action="store_true", default=False,
+                        help="distributed evaluation (faster; a few images may count twice)")
+    # the original main_finetune.py's defaults (per GPU)
+    parser.set_defaults(model="vit_large_patch16", batch_size=64, epochs=50, warmup_epochs=5, blr=1e-3,
+                        weight_decay=0.05, min_lr=1e-6, global_pool=True)
+    return parser
+
+
+def build_model(args, **kwargs):
+    """models_vit.<args.model>(num_classes, global_pool, img_size=input_size, [patch_size], **kwargs)."""
+    names = sorted(n for n in vars(models_vit) if n.startswith("vit_"))
+    if args.model not in names:
+        raise ValueError(f"unknown --model {args.model!r}; choose one of: {', '.join(names)}")
+    kwargs.update(num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size)
+    if getattr(args, "patch_size", None):
+        kwargs["patch_size"] = args.patch_size
+    return getattr(models_vit, args.model)(**kwargs)
+
+
+def build_criterion(args, mixup_fn=None):
+    """Soft-target CE with mixup/cutmix (the labels are already smoothed by Mixup), else
+    label-smoothing CE when --smoothing > 0, else plain CE."""
+    if mixup_fn is not None:
+        return SoftTargetCrossEntropy()
+    if args.smoothing > 0.0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def build_mixup(args):
+    """timm Mixup when --mixup, --cutmix or --cutmix_minmax is set, else None."""
+    if not (args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None):
+        return None
+    print("Mixup is activated!")
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=args.nb_classes)
+
+
+def build_data_loaders(args, dataset_train, dataset_val):
+    """Train: seeded RandomSampler / DistributedSampler, drop_last; val: sequential, or sharded
+    with --dist_eval. Each loader has its own generator, so starting an epoch never draws from
+    the global torch RNG. Returns (sampler_train, data_loader_train, data_loader_val)."""
+    rank, world_size = misc.get_rank(), misc.get_world_size()
+    if args.distributed:
+        sampler = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
+                                     seed=args.seed)
+    else:
+        sampler = RandomSampler(dataset_train)
+    sampler_train = SeededSampler(sampler, seed=args.seed)  # augmentation depends on (seed, epoch, index)
+    print("Sampler_train = %s" % str(sampler_train))
+    if args.distributed and args.dist_eval:
+        if len(dataset_val) % world_size != 0:
+            print("Warning: Enabling distributed evaluation with an eval dataset not divisible by process "
+                  "number. This will slightly alter validation results as extra duplicate entries are "
+                  "added to achieve equal num of samples per-process.")
+        sampler_val = DistributedSampler(dataset_val, num_replicas=world_size, rank=rank, shuffle=False)
+    else:
+        sampler_val = SequentialSampler(dataset_val)
+
+    workers = args.num_workers
+    common = dict(batch_size=args.batch_size, num_workers=workers,
+                  pin_memory=args.pin_mem and torch.device(args.device).type == "cuda",
+                  persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
+    data_loader_train = DataLoader(dataset_train, sampler=sampler_train, drop_last=True,
+                                   generator=torch.Generator().manual_seed(args.seed + rank), **common)
+    data_loader_val = DataLoader(dataset_val, sampler=sampler_val, drop_last=False,
+                                 generator=torch.Generator().manual_seed(args.seed + rank), **common)
+    if len(data_loader_train) == 0 and not args.eval:
+        raise ValueError(f"{len(dataset_train)} training images are fewer than one batch of "
+                         f"--batch_size {args.batch_size} per process x {world_size} processes")
+    return sampler_train, data_loader_train, data_loader_val
+
+
+def check_num_classes(args, dataset):
+    if len(dataset.classes) > args.nb_classes:
+        raise ValueError(f"{dataset.root} has {len(dataset.classes)} classes but --nb_classes is "
+                         f"{args.nb_classes}")
+
+
+def write_log(args, log_stats, log_writer=None):
+    """Append one JSON line to {output_dir}/log.txt (rank 0)."""
+    if not (args.output_dir and misc.is_main_process()):
+        return
+    if log_writer is not None:
+        log_writer.flush()
+    with open(os.path.join(args.output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
+        f.write(json.dumps(log_stats) + "\n")
+
+
+def main(args):
+    misc.init_distributed_mode(args)
+    misc.auto_resume(args)
+    if misc.is_main_process():
+        for folder in {args.output_dir, args.log_dir} - {None, ""}:
+            misc.check_output_dir(folder)
+
+    print("job dir: {}".format(os.path.dirname(os.path.realpath(__file__))))
+    print("{}".format(args).replace(", ", ",\n"))
+
+    device = torch.device(args.device)
+    args.precision = misc.resolve_precision(args.precision, device)
+
+    # fix the seed for reproducibility (each rank its own drop path / mixup draws)
+    misc.seed_everything(args.seed + misc.get_rank())
+    cudnn.benchmark = True
+
+    dataset_train = build_dataset(True, args, build_transform(True, args))  # <data_path>/train
+    dataset_val = build_dataset(False, args, build_transform(False, args))  # <data_path>/val
+    print(dataset_train)
+    print(dataset_val)
+    check_num_classes(args, dataset_train)
+    sampler_train, data_loader_train, data_loader_val = build_data_loaders(args, dataset_train, dataset_val)
+
+    log_writer = None
+    if misc.is_main_process() and args.log_dir and not args.eval:
+        log_writer = SummaryWriter(log_dir=args.log_dir)
+
+    mixup_fn = build_mixup(args)
+
+    model = build_model(args, drop_path_rate=args.drop_path)
+    if args.finetune and not args.eval:
+        load_pretrained_encoder(model, args.finetune, args)
+        trunc_normal_(model.head.weight, std=2e-5)  # manually initialize fc layer
+    model.to(device)
+    model_without_ddp = model
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print("Model = %s" % str(model_without_ddp))
+    print("number of params (M): %.2f" % (n_parameters / 1.0e6))
+
+    resolve_lr(args)  # lr = blr * batch_size * accum_iter * world_size / 256 unless --lr
+
+    if args.distributed:
+        model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)  # checkpoints use the unwrapped model_without_ddp
+
+    # build optimizer with layer-wise lr decay (lrd)
+    param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
+                                        no_weight_decay_list=model_without_ddp.no_weight_decay(),
+                                        layer_decay=args.layer_decay)
+    fast = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, **fast)
+    loss_scaler = misc.NativeScalerWithGradNormCount(enabled=args.precision == "fp16", device_type=device.type)
+    criterion = build_criterion(args, mixup_fn)
+    print("criterion = %s" % str(criterion))
+
+    resumed = misc.load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
+                              loss_scaler=loss_scaler)
+    max_accuracy = resumed.get("max_accuracy", 0.0)
+
+    if args.eval:
+        test_stats = evaluate(data_loader_val, model, device, args)
+        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
+        return test_stats
+
+    print(f"Start training for {args.epochs} epochs ({args.precision})")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        sampler_train.set_epoch(epoch)
+        if epoch == args.start_epoch and args.start_iter:
+            sampler_train.set_start(args.start_iter * args.batch_size)  # mid-epoch resume
+        train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
+                                      loss_scaler, args.clip_grad, mixup_fn, log_writer=log_writer, args=args,
+                                      checkpoint_extra={"max_accuracy": max_accuracy})
+        args.start_iter = 0
+
+        # evaluate before saving: the checkpoint then holds this epoch's max_accuracy and the
+        # RNG state an uninterrupted run would have at the next epoch
+        test_stats = evaluate(data_loader_val, model, device, args)
+        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
+        improved = test_stats["acc1"] > max_accuracy
+        max_accuracy = max(max_accuracy, test_stats["acc1"])
+        print(f"Max accuracy: {max_accuracy:.2f}%")
+        save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, max_accuracy, improved)
+
+        if log_writer is not None:
+            log_writer.add_scalar("perf/test_acc1", test_stats["acc1"], epoch)
+            log_writer.add_scalar("perf/test_acc5", test_stats["acc5"], epoch)
+            log_writer.add_scalar("perf/test_loss", test_stats["loss"], epoch)
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                     **{f"test_{k}": v for k, v in test_stats.items()},
+                     "epoch": epoch, "n_parameters": n_parameters}
+        write_log(args, log_stats, log_writer)
+
+    total_time = time.time() - start_time
+    print("Training time {}".format(str(datetime.timedelta(seconds=int(total_time)))))
+    if log_writer is not None:
+        log_writer.close()
+    return {"max_accuracy": max_accuracy}
+
+
+def save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, max_accuracy, improved):
+    """checkpoint-<epoch>.pth every --save_freq epochs and at the last one, checkpoint-last.pth
+    with --save_every_iters, checkpoint-best.pth when the top-1 improved. All ranks call it."""
+    if not args.output_dir:
+        return
+    state = dict(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
+                 loss_scaler=loss_scaler, epoch=epoch, extra={"max_accuracy": max_accuracy})
+    if (args.save_freq > 0 and epoch % args.save_freq == 0) or epoch + 1 == args.epochs:
+        misc.save_model(**state)
+    if args.save_every_iters > 0:  # keep checkpoint-last.pth current
+        misc.save_model(**state, tag="last")
+    if improved:
+        misc.save_model(**state, tag="best")
+
+
+def run(main_fn, args):
+    """Run main_fn(args); a non-finite loss exits with status 1 and one clear line."""
+    try:
+        main_fn(args)
+    except misc.NonFiniteLossError as e:
+        if misc.is_main_process():
+            sys.stderr.write(f"ERROR: {e}\n")
+        sys.exit(1)
+    finally:
+        if misc.is_dist_avail_and_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser().parse_args())
