@@ -1,0 +1,208 @@
+"""MAE pretraining (He et al., arXiv 2111.06377): reconstruct the removed patches of images.
+
+GPUs (one process per GPU), e.g. ViT-L on 8 GPUs:
+    torchrun --nproc_per_node=8 main_pretrain.py --model mae_vit_large_patch16 --norm_pix_loss \
+        --batch_size 64 --blr 1.5e-4 --epochs 800 --warmup_epochs 40 --data_path /path/to/imagenet
+A laptop CPU with a tiny model:
+    python main_pretrain.py --device cpu --model mae_vit_tiny_patch16 --input_size 64 \
+        --batch_size 32 --epochs 20 --warmup_epochs 2 --num_workers 2 --data_path ./data/toy
+
+Writes to --output_dir: checkpoint-<epoch>.pth (every --save_freq epochs and the last),
+log.txt (one JSON line per epoch), reconstructions/epoch_<epoch>.png (every --vis_freq
+epochs and the last); TensorBoard events to --log_dir.
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import timm.optim
+import torch
+import torch.backends.cudnn as cudnn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.tensorboard import SummaryWriter
+
+import models_mae
+import util.misc as misc
+from engine_pretrain import train_one_epoch
+from util.args import add_common_args, resolve_lr
+from util.datasets import (SeededSampler, build_dataset, build_eval_transform, build_pretrain_transform,
+                           load_and_transform)
+from util.visualize import save_reconstructions
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("MAE pre-training", add_help=True)
+    add_common_args(parser)
+    parser.add_argument("--mask_ratio", default=0.75, type=float,
+                        help="masking ratio (fraction of the patches removed)")
+    parser.add_argument("--norm_pix_loss", action="store_true",
+                        help="use (per-patch) normalized pixels as targets for computing the loss")
+    parser.add_argument("--patch_size", default=None, type=int, help="override the model's patch size")
+    parser.add_argument("--vis_freq", default=20, type=int,
+                        help="write reconstructions every N epochs (and after the last); 0 = off")
+    parser.add_argument("--vis_images", default=8, type=int, help="number of images in the reconstructions")
+    # the original main_pretrain.py's defaults (per GPU)
+    parser.set_defaults(model="mae_vit_large_patch16", batch_size=64, epochs=400, warmup_epochs=40,
+                        blr=1e-3, min_lr=0.0, weight_decay=0.05, norm_pix_loss=False)
+    return parser
+
+
+def build_model(args):
+    """models_mae.<args.model>(img_size=args.input_size, norm_pix_loss, [patch_size])."""
+    names = sorted(n for n in vars(models_mae) if n.startswith("mae_vit_"))
+    if args.model not in names:
+        raise ValueError(f"unknown --model {args.model!r}; choose one of: {', '.join(names)}")
+    kwargs = dict(img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
+    if getattr(args, "patch_size", None):
+        kwargs["patch_size"] = args.patch_size
+    return getattr(models_mae, args.model)(**kwargs)
+
+
+def build_optimizer(model_without_ddp, args, device):
+    """AdamW(betas=(0.9, 0.95)), weight decay on all but 1-D params and biases (as the original)."""
+    param_groups = timm.optim.param_groups_weight_decay(model_without_ddp, args.weight_decay)
+    fast = dict(fused=True) if torch.device(device).type == "cuda" else dict(foreach=True)
+    return torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), **fast)
+
+
+def load_vis_images(dataset, args):
+    """The fixed images of the reconstruction grids: --vis_images training images spread evenly
+    over the (sorted) train folder, with the eval transform (resize + centre crop, no randomness:
+    the torch RNG is not touched)."""
+    n = min(args.vis_images, len(dataset))
+    indices = torch.linspace(0, len(dataset) - 1, n).round().long().tolist()
+    transform = build_eval_transform(args.input_size)
+    return torch.stack([load_and_transform(dataset.samples[i][0], transform) for i in indices])
+
+
+def main(args):
+    misc.init_distributed_mode(args)
+    misc.auto_resume(args)
+    if misc.is_main_process():
+        for folder in {args.output_dir, args.log_dir} - {None, ""}:
+            misc.check_output_dir(folder)
+
+    print("job dir: {}".format(os.path.dirname(os.path.realpath(__file__))))
+    print("{}".format(args).replace(", ", ",\n"))
+
+    device = torch.device(args.device)
+    args.precision = misc.resolve_precision(args.precision, device)
+    rank, world_size = misc.get_rank(), misc.get_world_size()
+
+    # fix the seed for reproducibility (each rank its own masking noise)
+    misc.seed_everything(args.seed + rank)
+    cudnn.benchmark = True
+
+    dataset_train = build_dataset(True, args, build_pretrain_transform(args))  # <data_path>/train
+    print(dataset_train)
+
+    # (index, sample_seed) pairs: a sample's augmentation depends only on (seed, epoch, index)
+    if args.distributed:
+        sampler = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
+                                     seed=args.seed)
+    else:
+        sampler = RandomSampler(dataset_train)
+    sampler_train = SeededSampler(sampler, seed=args.seed)
+    print("Sampler_train = %s" % str(sampler_train))
+
+    log_writer = None
+    if misc.is_main_process() and args.log_dir:
+        log_writer = SummaryWriter(log_dir=args.log_dir)
+
+    workers = args.num_workers
+    data_loader_train = DataLoader(
+        dataset_train, sampler=sampler_train,
+        batch_size=args.batch_size,
+        num_workers=workers,
+        pin_memory=args.pin_mem and device.type == "cuda",
+        drop_last=True,
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers > 0 else None,
+        # the loader's own generator seeds its workers, so creating an iterator never draws from
+        # the global torch RNG (the masking noise stays independent of num_workers)
+        generator=torch.Generator().manual_seed(args.seed + rank),
+    )
+    if len(data_loader_train) == 0:
+        raise ValueError(f"{len(dataset_train)} training images are fewer than one batch of "
+                         f"--batch_size {args.batch_size} per process x {world_size} processes")
+
+    # define the model
+    model = build_model(args)
+    model.to(device)
+    model_without_ddp = model
+    print("Model = %s" % str(model_without_ddp))
+
+    resolve_lr(args)  # lr = blr * batch_size * accum_iter * world_size / 256 unless --lr
+
+    if args.distributed:
+        model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    if args.compile:
+        # compiling the DDP-wrapped model lets dynamo split graphs at DDP's gradient buckets, so
+        # the all-reduce overlaps the backward; checkpoints use the unwrapped model_without_ddp
+        model = torch.compile(model)
+
+    optimizer = build_optimizer(model_without_ddp, args, device)
+    print(optimizer)
+    loss_scaler = misc.NativeScalerWithGradNormCount(enabled=args.precision == "fp16",
+                                                     device_type=device.type)
+    misc.load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
+                    loss_scaler=loss_scaler)
+
+    vis_images = vis_noise = None
+    if misc.is_main_process() and args.output_dir and args.vis_freq > 0:
+        vis_images = load_vis_images(dataset_train, args)  # (n, 3, H, W)
+        generator = torch.Generator().manual_seed(args.seed)  # same masks at every epoch
+        vis_noise = torch.rand(vis_images.shape[0], model_without_ddp.patch_embed.num_patches,
+                               generator=generator)  # (n, L)
+
+    print(f"Start training for {args.epochs} epochs ({args.precision})")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        sampler_train.set_epoch(epoch)
+        if epoch == args.start_epoch and args.start_iter:
+            sampler_train.set_start(args.start_iter * args.batch_size)  # mid-epoch resume
+        train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
+                                      log_writer=log_writer, args=args)
+        args.start_iter = 0
+        last_epoch = epoch + 1 == args.epochs
+
+        if args.output_dir and ((args.save_freq > 0 and epoch % args.save_freq == 0) or last_epoch):
+            misc.save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
+                            loss_scaler=loss_scaler, epoch=epoch)
+        if args.output_dir and args.save_every_iters > 0:  # keep checkpoint-last.pth current
+            misc.save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
+                            loss_scaler=loss_scaler, epoch=epoch, tag="last")
+
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+        if args.output_dir and misc.is_main_process():
+            if log_writer is not None:
+                log_writer.flush()
+            with open(os.path.join(args.output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
+                f.write(json.dumps(log_stats) + "\n")
+
+        if vis_images is not None and (epoch % args.vis_freq == 0 or last_epoch):
+            path = os.path.join(args.output_dir, "reconstructions", f"epoch_{epoch:04d}.png")
+            save_reconstructions(model_without_ddp, vis_images, path, args.mask_ratio, vis_noise,
+                                 log_writer=log_writer, step=epoch)
+
+    total_time = time.time() - start_time
+    total_time_str = str(datetime.timedelta(seconds=int(total_time)))
+    print("Training time {}".format(total_time_str))
+    if log_writer is not None:
+        log_writer.close()
+    if args.distributed:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    try:
+        main(args)
+    except misc.NonFiniteLossError as e:
+        if misc.is_main_process():
+            sys.stderr.write(f"ERROR: {e}\n")
+        sys.exit(1)

@@ -1,0 +1,470 @@
+"""Pretraining stage: main_pretrain.py end to end, engine_pretrain.train_one_epoch, util/visualize.
+
+The scripts run as subprocesses (plain and under torchrun with gloo) on a generated 32 px image
+folder; the engine and the reconstruction grid are checked in-process on tiny models.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import engine_pretrain
+import main_pretrain
+import util.misc as misc
+from engine_pretrain import train_one_epoch
+from models_mae import MaskedAutoencoderViT
+from util import visualize
+from util.lr_sched import adjust_learning_rate
+from util.toy_data import CLASSES, make_image, make_toy_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_TRAIN = 16  # 4 classes x 4 images
+IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+SCRIPT_ARGS = ["--device", "cpu", "--num_workers", "0", "--model", "mae_vit_tiny_patch16",
+               "--input_size", "32", "--patch_size", "16", "--batch_size", "4", "--warmup_epochs", "1",
+               "--log_freq", "2", "--vis_images", "4", "--seed", "0"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a small, shared CPU, 2+ OpenMP threads per process can be 10-100x
+    slower for these tiny models (spinning threads competing with the other processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(cmd, timeout=120):
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def read_log(folder):
+    with open(os.path.join(folder, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def tiny_mae(norm_pix_loss=False, cls=MaskedAutoencoderViT):
+    return cls(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
+               decoder_depth=1, decoder_num_heads=2, norm_pix_loss=norm_pix_loss)
+
+
+class FixedNoiseMAE(torch.nn.Module):
+    """A MAE whose masks depend only on each image (noise = patch means): the same sample gets
+    the same mask whatever batch it is in."""
+
+    def __init__(self, mae):
+        super().__init__()
+        self.mae = mae
+
+    def forward(self, imgs, mask_ratio=0.75):
+        noise = self.mae.patchify(imgs).mean(-1)  # (N, L)
+        return self.mae(imgs, mask_ratio=mask_ratio, noise=noise)
+
+
+def engine_args(**overrides):
+    args = dict(accum_iter=1, mask_ratio=0.75, precision="fp32", log_freq=1000, save_every_iters=0,
+                start_iter=0, lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=100, weight_decay=0.05,
+                output_dir=None)
+    args.update(overrides)
+    return argparse.Namespace(**args)
+
+
+def random_images(n, seed=0, size=32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+# ---------------------------------------------------------------------------------------------
+# main_pretrain.py end to end
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    return make_toy_dataset(str(root), train_per_class=4, val_per_class=1, size=32)
+
+
+@pytest.fixture(scope="module")
+def first_run(data_path, tmp_path_factory):
+    """One epoch of mae_vit_tiny_patch16 (32 px, patch 16) on 16 images, 4 iterations."""
+    out = str(tmp_path_factory.mktemp("run1"))
+    log = run([sys.executable, "main_pretrain.py", *SCRIPT_ARGS, "--epochs", "1",
+               "--data_path", data_path, "--output_dir", out, "--log_dir", out])
+    return out, log
+
+
+def test_one_epoch_writes_checkpoint_log_tensorboard_and_reconstructions(first_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out, _ = first_run
+    (stats,) = read_log(out)
+    assert stats["epoch"] == 0 and set(stats) == {"epoch", "train_loss", "train_lr"}
+    assert math.isfinite(stats["train_loss"]) and stats["train_loss"] > 0
+
+    checkpoint = misc.load_checkpoint(os.path.join(out, "checkpoint-0.pth"))
+    assert checkpoint["epoch"] == 0 and checkpoint["step"] is None
+    assert checkpoint["args"].input_size == 32 and checkpoint["args"].patch_size == 16
+    assert checkpoint["model"]["patch_embed.proj.weight"].shape == (192, 3, 16, 16)
+    assert checkpoint["model"]["pos_embed"].shape == (1, 1 + 4, 192)  # --input_size reached the model
+
+    events = EventAccumulator(out, size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    losses, lrs = events.Scalars("train_loss"), events.Scalars("lr")
+    assert [e.step for e in losses] == [0, 250, 500, 750]  # epoch_1000x of 4 iterations
+    assert [e.step for e in lrs] == [0, 250, 500, 750]
+    assert all(math.isfinite(e.value) for e in losses)
+    # warmup over 1 epoch: lr = lr_max * i / 4, lr_max = 1e-3 * 4 / 256
+    assert [e.value for e in lrs] == pytest.approx([1e-3 * 4 / 256 * i / 4 for i in range(4)])
+    assert stats["train_loss"] == pytest.approx(sum(e.value for e in losses) / 4, rel=1e-5)
+    assert "reconstructions" in events.Tags()["images"]
+
+    with Image.open(os.path.join(out, "reconstructions", "epoch_0000.png")) as im:
+        assert im.size == (4 * 32, 4 * 32)  # 4 columns x --vis_images rows of 32 px
+
+
+def test_resume_restores_everything_and_continues(first_run, data_path, tmp_path):
+    first_out, _ = first_run
+    checkpoint_path = os.path.join(first_out, "checkpoint-0.pth")
+    checkpoint = misc.load_checkpoint(checkpoint_path)
+
+    # in-process: what main_pretrain builds takes model, optimizer, scaler and epoch back
+    checkpoint["scaler"] = {"scale": 256.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                            "growth_interval": 2000, "_growth_tracker": 7}  # as an fp16 run saves it
+    fp16_path = str(tmp_path / "checkpoint-fp16.pth")
+    torch.save(checkpoint, fp16_path)
+    args = main_pretrain.get_args_parser().parse_args(
+        SCRIPT_ARGS + ["--data_path", data_path, "--resume", fp16_path, "--lr", "1e-3"])
+    model = main_pretrain.build_model(args)
+    optimizer = main_pretrain.build_optimizer(model, args, "cpu")
+    scaler = misc.NativeScalerWithGradNormCount(enabled=True, device_type="cpu")
+    misc.load_model(args, model, optimizer, scaler)
+    assert args.start_epoch == 1 and args.start_iter == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, checkpoint["model"][k]), k
+    state = optimizer.state_dict()["state"]
+    assert len(state) == len(checkpoint["optimizer"]["state"]) > 0
+    assert all(int(s["step"]) == 4 for s in state.values())
+    saved_state = checkpoint["optimizer"]["state"]
+    assert all(torch.equal(state[i]["exp_avg"], saved_state[i]["exp_avg"]) for i in state)
+    assert scaler.state_dict()["scale"] == 256.0 and scaler.state_dict()["_growth_tracker"] == 7
+
+    # the script resumes from checkpoint-0 and trains epoch 1 only (with 2 persistent workers)
+    out = str(tmp_path / "run2")
+    log = run([sys.executable, "main_pretrain.py", *SCRIPT_ARGS, "--epochs", "2", "--num_workers", "2",
+               "--resume", checkpoint_path, "--data_path", data_path, "--output_dir", out,
+               "--log_dir", out])
+    assert "Resume checkpoint" in log
+    assert [s["epoch"] for s in read_log(out)] == [1]
+    assert not os.path.exists(os.path.join(out, "checkpoint-0.pth"))
+    resumed = misc.load_checkpoint(os.path.join(out, "checkpoint-1.pth"))
+    assert resumed["epoch"] == 1
+    assert all(int(s["step"]) == 8 for s in resumed["optimizer"]["state"].values())  # 4 + 4 steps
+    assert not torch.equal(resumed["model"]["blocks.0.attn.qkv.weight"],
+                           checkpoint["model"]["blocks.0.attn.qkv.weight"])
+    assert os.path.exists(os.path.join(out, "reconstructions", "epoch_0001.png"))  # the last epoch
+
+
+def test_torchrun_two_processes_see_disjoint_shards(data_path, tmp_path):
+    out = str(tmp_path / "ddp")
+    wrapper = tmp_path / "record_indices.py"
+    wrapper.write_text(textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {REPO!r})
+        import util.datasets
+        seen = []
+        getitem = util.datasets.ImageFolderDataset.__getitem__
+        def recording_getitem(self, item):
+            if isinstance(item, tuple):  # (index, sample_seed) from the training sampler
+                seen.append(item[0])
+            return getitem(self, item)
+        util.datasets.ImageFolderDataset.__getitem__ = recording_getitem
+        import main_pretrain
+        main_pretrain.main(main_pretrain.get_args_parser().parse_args())
+        with open(os.path.join({out!r}, "seen-" + os.environ["RANK"] + ".json"), "w") as f:
+            json.dump(seen, f)
+    """))
+    log = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(wrapper), *SCRIPT_ARGS, "--epochs", "1", "--data_path", data_path,
+               "--output_dir", out, "--log_dir", out], timeout=180)
+    assert "effective batch size: 8" in log  # 4 per process x 2 processes
+    seen = [json.load(open(os.path.join(out, f"seen-{r}.json"))) for r in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == NUM_TRAIN // 2
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(NUM_TRAIN))
+    (stats,) = read_log(out)  # written once, by rank 0
+    assert stats["epoch"] == 0 and math.isfinite(stats["train_loss"])
+    assert os.path.exists(os.path.join(out, "checkpoint-0.pth"))
+
+
+def test_build_model_uses_input_and_patch_size_and_names_valid_models():
+    parser = main_pretrain.get_args_parser()
+    args = parser.parse_args(["--model", "mae_vit_tiny_patch16", "--input_size", "48", "--patch_size", "8",
+                              "--norm_pix_loss"])
+    model = main_pretrain.build_model(args)
+    assert model.patch_embed.grid_size == (6, 6) and model.norm_pix_loss
+    assert model.decoder_pred.out_features == 8 * 8 * 3
+    defaults = parser.parse_args([])
+    assert (defaults.model, defaults.batch_size, defaults.epochs, defaults.warmup_epochs, defaults.blr,
+            defaults.weight_decay, defaults.mask_ratio, defaults.min_lr, defaults.norm_pix_loss) == (
+        "mae_vit_large_patch16", 64, 400, 40, 1e-3, 0.05, 0.75, 0.0, False)
+    with pytest.raises(ValueError, match="mae_vit_base_patch16"):
+        main_pretrain.build_model(parser.parse_args(["--model", "vit_base_patch16"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# engine_pretrain.train_one_epoch
+# ---------------------------------------------------------------------------------------------
+
+def test_accum_iter_2_equals_double_batch():
+    imgs = random_images(8)
+    results = []
+    for accum_iter, batches in ((1, [imgs]), (2, [imgs[:4], imgs[4:]])):
+        torch.manual_seed(0)
+        model = FixedNoiseMAE(tiny_mae(norm_pix_loss=True))
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        args = engine_args(accum_iter=accum_iter, lr=1e-2)
+        # SGD: its update is linear in the gradient. (Adam's first step is ~lr * sign(grad), which
+        # turns float noise in mathematically zero gradients, e.g. the attention key bias, into
+        # full-size differences.)
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=0.05)
+        scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+        loader = [(b, torch.zeros(len(b))) for b in batches] * 2  # two updates
+        stats = train_one_epoch(model, loader, optimizer, "cpu", 0, scaler, args=args)
+        results.append((model.state_dict(), stats))
+    (weights_1, stats_1), (weights_2, stats_2) = results
+    for k, w in weights_1.items():
+        torch.testing.assert_close(weights_2[k], w, rtol=1e-5, atol=1e-6, msg=k)
+    assert sum(not torch.equal(w, initial[k]) for k, w in weights_1.items()) > 10  # it trained
+    assert stats_2["loss"] == pytest.approx(stats_1["loss"], rel=1e-5)  # mean of equal-mask halves
+
+
+class FakeWriter:
+    def __init__(self):
+        self.scalars = {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, value))
+
+
+@pytest.mark.parametrize("accum_iter, start_iter", [(1, 0), (2, 0), (1, 2)])
+def test_lr_follows_schedule_every_iteration(accum_iter, start_iter):
+    torch.manual_seed(0)
+    model = tiny_mae()
+    args = engine_args(accum_iter=accum_iter, start_iter=start_iter, lr=0.1, min_lr=0.01,
+                       warmup_epochs=2, epochs=4)
+    optimizer = main_pretrain.build_optimizer(model, args, "cpu")
+    seen = []
+    optimizer.register_step_pre_hook(lambda opt, *_: seen.append([g["lr"] for g in opt.param_groups]))
+    iters_per_epoch, epoch = 4, 1
+    loader = [(random_images(2, seed=i), torch.zeros(2)) for i in range(iters_per_epoch - start_iter)]
+    writer = FakeWriter()
+    scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+    train_one_epoch(model, loader, optimizer, "cpu", epoch, scaler, log_writer=writer, args=args)
+
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0)
+    steps = range(start_iter, iters_per_epoch)
+    expected, expected_tb = [], []
+    for i in steps:
+        if i % accum_iter == 0:
+            lr = adjust_learning_rate(reference, epoch + i / iters_per_epoch, args)
+        if (i + 1) % accum_iter == 0:
+            expected.append(lr)
+        expected_tb.append((int((epoch + i / iters_per_epoch) * 1000), lr))
+    assert all(len(groups) == 2 and groups[0] == groups[1] for groups in seen)  # no decay / decay
+    assert [groups[0] for groups in seen] == pytest.approx(expected)
+    assert len(seen) == len(steps) // accum_iter and len({s[0] for s in seen}) == len(seen)
+    assert [s for s, _ in writer.scalars["lr"]] == [s for s, _ in expected_tb]
+    assert [v for _, v in writer.scalars["lr"]] == pytest.approx([v for _, v in expected_tb])
+    assert [s for s, _ in writer.scalars["train_loss"]] == [s for s, _ in expected_tb]
+
+
+def toy_images(n, seed=0):
+    """n normalised 32 px images of the toy dataset's classes (learnable structure)."""
+    rng = np.random.default_rng(seed)
+    pixels = np.stack([make_image(CLASSES[i % len(CLASSES)], 32, rng) for i in range(n)])  # (N, S, S, 3)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255  # (N, 3, S, S)
+    return (x - IMAGENET_MEAN.view(3, 1, 1)) / IMAGENET_STD.view(3, 1, 1)
+
+
+def test_loss_is_finite_and_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = tiny_mae()
+    args = engine_args(lr=1e-2, weight_decay=0.0)
+    optimizer = main_pretrain.build_optimizer(model, args, "cpu")
+    scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+    batch = (toy_images(8), torch.zeros(8))
+    losses = [train_one_epoch(model, [batch] * 5, optimizer, "cpu", epoch, scaler, args=args)["loss"]
+              for epoch in range(4)]
+    assert all(math.isfinite(v) for v in losses)
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_bf16_autocast_on_cpu_trains():
+    torch.manual_seed(0)
+    model = tiny_mae()
+    args = engine_args(precision="bf16")
+    optimizer = main_pretrain.build_optimizer(model, args, "cpu")
+    scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+    stats = train_one_epoch(model, [(random_images(4), torch.zeros(4))] * 2, optimizer, "cpu", 0, scaler,
+                            args=args)
+    assert math.isfinite(stats["loss"]) and model.blocks[0].attn.qkv.weight.dtype == torch.float32
+
+
+class NaNAtIteration(torch.nn.Module):
+    def __init__(self, mae, bad_call):
+        super().__init__()
+        self.mae, self.bad_call, self.calls = mae, bad_call, 0
+
+    def forward(self, imgs, mask_ratio=0.75):
+        loss, pred, mask = self.mae(imgs, mask_ratio=mask_ratio)
+        self.calls += 1
+        return (loss * float("nan") if self.calls > self.bad_call else loss), pred, mask
+
+
+def test_non_finite_loss_stops_before_saving(tmp_path):
+    torch.manual_seed(0)
+    model = NaNAtIteration(tiny_mae(), bad_call=3)  # iterations 0, 1, 2 fine, 3 NaN
+    args = engine_args(save_every_iters=2, log_freq=100, output_dir=str(tmp_path))
+    optimizer = main_pretrain.build_optimizer(model, args, "cpu")
+    scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+    loader = [(random_images(2, seed=i), torch.zeros(2)) for i in range(6)]
+    with pytest.raises(misc.NonFiniteLossError, match="epoch 5, iteration 3"):
+        train_one_epoch(model, loader, optimizer, "cpu", 5, scaler, args=args)
+    checkpoint = misc.load_checkpoint(str(tmp_path / "checkpoint-last.pth"))
+    assert (checkpoint["epoch"], checkpoint["step"]) == (5, 2)  # the save at iteration 4 never happened
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+def test_no_host_sync_per_iteration(monkeypatch):
+    """Reading a tensor on the host (item, tolist, float, bool, ...) happens at log points only: the
+    number of reads does not grow with the number of iterations."""
+    counts = {"n": 0}
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **k):
+            counts["n"] += 1
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def host_reads(num_iters):
+        torch.manual_seed(0)
+        model = tiny_mae()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+        loader = [(random_images(2, seed=i), torch.zeros(2)) for i in range(num_iters)]
+        counts["n"] = 0
+        train_one_epoch(model, loader, optimizer, "cpu", 0, scaler, args=engine_args(log_freq=1000))
+        return counts["n"]
+
+    # the log points (first and last iteration) read a fixed number of values, whatever the length
+    assert host_reads(3) == host_reads(9) > 0
+
+
+def test_unwrap_finds_the_bare_model():
+    model = tiny_mae()
+    assert engine_pretrain.unwrap(model) is model
+
+
+# ---------------------------------------------------------------------------------------------
+# util/visualize.py
+# ---------------------------------------------------------------------------------------------
+
+def cell(grid, row, col, size=32):
+    return grid[:, row * size:(row + 1) * size, col * size:(col + 1) * size]  # (3, S, S)
+
+
+def patch_mask_image(mask, size=32, patch=8):
+    """(L,) 0/1 patch mask -> (S, S) bool pixel mask."""
+    g = size // patch
+    return mask.reshape(g, g).repeat_interleave(patch, 0).repeat_interleave(patch, 1).bool()
+
+
+def test_reconstruction_grid_png(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_mae()
+    imgs = random_images(3)
+    noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(1))
+    path = str(tmp_path / "vis" / "grid.png")
+    grid = visualize.save_reconstructions(model, imgs, path, mask_ratio=0.75, noise=noise)
+    assert grid.dtype == torch.uint8 and grid.shape == (3, 3 * 32, 4 * 32)
+    with Image.open(path) as im:
+        assert im.size == (4 * 32, 3 * 32)
+        assert torch.equal(torch.from_numpy(np.array(im)).permute(2, 0, 1), grid)
+
+    _, mask, _ = model.random_masking(model.patch_embed(imgs), 0.75, noise)  # (3, 16)
+    assert model.training  # the grid put the model back in training mode
+    for r in range(3):
+        removed = patch_mask_image(mask[r])  # (32, 32)
+        assert removed.sum() == 12 * 64
+        original, masked, recon, pasted = (cell(grid, r, c) for c in range(4))
+        assert torch.equal(original, visualize.denormalize(imgs[r:r + 1])[0])
+        assert torch.equal(masked[:, ~removed], original[:, ~removed])  # visible cells equal
+        assert torch.equal(pasted[:, ~removed], original[:, ~removed])
+        assert torch.equal(pasted[:, removed], recon[:, removed])
+        assert (masked[:, removed] == 128).all()  # removed patches grey
+        assert (masked[:, removed] != original[:, removed]).any(0).float().mean() > 0.9
+
+
+class OracleMAE(MaskedAutoencoderViT):
+    """Predicts exactly its (normalised) target: a perfect reconstruction."""
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        _, mask, _ = self.forward_encoder(imgs, mask_ratio, noise)
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** .5
+        return torch.zeros(()), target, mask
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_reconstruction_undoes_norm_pix_loss(norm_pix_loss):
+    model = tiny_mae(norm_pix_loss, cls=OracleMAE)
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0)) / 255
+    imgs = (pixels - IMAGENET_MEAN.view(3, 1, 1)) / IMAGENET_STD.view(3, 1, 1)
+    grid = visualize.reconstruction_grid(model, imgs, mask_ratio=0.75).int()
+    for r in range(2):
+        assert (cell(grid, r, 2) - cell(grid, r, 0)).abs().max() <= 1  # reconstruction = original
+        assert (cell(grid, r, 3) - cell(grid, r, 0)).abs().max() <= 1
+
+
+def test_visualize_command(first_run, data_path, tmp_path):
+    out, _ = first_run
+    checkpoint_path = os.path.join(out, "checkpoint-0.pth")
+    grid_path = str(tmp_path / "grid.png")
+    # model, input and patch size come from the checkpoint's args
+    grid = visualize.main(["--checkpoint", checkpoint_path, "--data_path", os.path.join(data_path, "train"),
+                           "--out", grid_path, "--num_images", "3", "--device", "cpu"])
+    assert grid.shape == (3, 3 * 32, 4 * 32)
+    with Image.open(grid_path) as im:
+        assert im.size == (4 * 32, 3 * 32)
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 50), (60 * i, 100, 200)).save(flat / f"{i}.jpg")
+    grid = visualize.main(["--checkpoint", checkpoint_path, "--data_path", str(flat), "--out",
+                           str(tmp_path / "flat.png"), "--model", "mae_vit_tiny_patch16",
+                           "--num_images", "8"])
+    assert grid.shape == (3, 2 * 32, 4 * 32)
+
+    checkpoint = misc.load_checkpoint(checkpoint_path)
+    checkpoint["model"] = {k: v for k, v in checkpoint["model"].items()
+                           if not k.startswith("decoder") and k != "mask_token"}
+    encoder_only = str(tmp_path / "encoder_only.pth")
+    torch.save(checkpoint, encoder_only)
+    with pytest.raises(ValueError, match="need a checkpoint with the decoder"):
+        visualize.main(["--checkpoint", encoder_only, "--data_path", str(flat), "--out",
+                        str(tmp_path / "x.png")])
