@@ -3,17 +3,13 @@
 - load_pretrained_encoder: put a pretraining checkpoint's encoder into a models_vit classifier
   (both scripts use it).
 - train_one_epoch: per-iteration lr, mixup/cutmix, gradient accumulation and clipping. As in
-  pretraining the losses stay on the device: they are synced (one all-reduce and one
-  device-to-host copy for the buffer) only at the log points, before a mid-epoch checkpoint and
+  pretraining the losses stay on the device: they are synced by misc.sync_losses (one
+  all-reduce and one device-to-host copy for the buffer) only at the log points, before a mid-epoch checkpoint and
   at the end of the epoch; a non-finite loss found there stops the run before anything is saved.
 - evaluate: top-1 / top-5 accuracy and cross-entropy, weighted by batch size and summed over
   the processes.
 """
-import math
-from contextlib import nullcontext
-
 import torch
-import torch.distributed as dist
 from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
@@ -86,12 +82,6 @@ def load_pretrained_encoder(model, path, args=None):
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def unwrap(model):
-    """The bare model inside torch.compile and DistributedDataParallel wrappers."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def set_train_mode(model, frozen_backbone=False):
     """model.train(); with frozen_backbone (linear probe) everything but model.head goes back to
     eval mode, so the frozen encoder computes deterministic features (no dropout / drop path)
@@ -100,16 +90,9 @@ def set_train_mode(model, frozen_backbone=False):
     BatchNorm, so the two agree there."""
     model.train(True)
     if frozen_backbone:
-        bare = unwrap(model)
+        bare = misc.unwrap_model(model)
         bare.eval()
         bare.head.train(True)
-
-
-def _grad_sync(model, update_grad):
-    """DDP all-reduces the gradients in every backward: skip that on accumulation steps."""
-    if update_grad or not hasattr(model, "no_sync"):
-        return nullcontext()
-    return model.no_sync()
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, loss_scaler,
@@ -152,7 +135,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)  # targets: (N, num_classes) soft labels
 
-        with _grad_sync(model, update_grad):
+        with misc.grad_sync(model, update_grad):
             with misc.autocast(device, precision):
                 outputs = model(samples)  # (N, num_classes)
                 loss = criterion(outputs, targets)
@@ -165,38 +148,21 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
         pending.append((data_iter_step, lr, loss.detach()))
         done = data_iter_step + 1
         save_now = save_every > 0 and update_grad and done % save_every == 0
-        if (data_iter_step % log_freq == 0 or data_iter_step == start_iter or done == iters_per_epoch
-                or save_now):
-            sync_losses(pending, epoch, iters_per_epoch, accum_iter, metric_logger, log_writer)
+        if save_now or misc.is_log_point(data_iter_step, start_iter, iters_per_epoch, log_freq):
+            misc.sync_losses(pending, epoch, iters_per_epoch, metric_logger, log_writer, loss_name="loss",
+                             accum_iter=accum_iter)  # TensorBoard: at accumulation boundaries
             pending = []
         if save_now:  # after the finiteness check: a checkpoint never holds diverged weights
-            misc.save_model(args, epoch, unwrap(model), optimizer, loss_scaler, extra=checkpoint_extra,
-                            tag="last", step=done)
+            misc.save_model(args, epoch, misc.unwrap_model(model), optimizer, loss_scaler,
+                            extra=checkpoint_extra, tag="last", step=done)
 
     if pending:  # a data_loader shorter than its len()
-        sync_losses(pending, epoch, iters_per_epoch, accum_iter, metric_logger, log_writer)
+        misc.sync_losses(pending, epoch, iters_per_epoch, metric_logger, log_writer, loss_name="loss",
+                         accum_iter=accum_iter)
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
     return {k: meter.global_avg for k, meter in metric_logger.meters.items() if meter.count}
 
-
-def sync_losses(pending, epoch, iters_per_epoch, accum_iter, metric_logger, log_writer=None):
-    """Average the buffered losses over the processes (one all-reduce, one host copy), stop on a
-    non-finite one, then log each iteration: the 'loss' meter and, on rank 0, the TensorBoard
-    scalars 'loss' and 'lr' at each accumulation boundary, at x = epoch_1000x (the original's
-    units, which calibrate curves of different batch sizes)."""
-    losses = torch.stack([loss.float() for _, _, loss in pending])  # (B,) on the device
-    if misc.get_world_size() > 1:
-        dist.all_reduce(losses)
-        losses = losses / misc.get_world_size()
-    for (i, lr, _), value in zip(pending, losses.tolist()):
-        if not math.isfinite(value):
-            raise misc.NonFiniteLossError(value, epoch, i)
-        metric_logger.update(loss=value)
-        if log_writer is not None and (i + 1) % accum_iter == 0:
-            epoch_1000x = int((i / iters_per_epoch + epoch) * 1000)
-            log_writer.add_scalar("loss", value, epoch_1000x)
-            log_writer.add_scalar("lr", lr, epoch_1000x)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,16 +1,10 @@
 """One epoch of MAE pretraining.
 
-The losses stay on the device while training: they are buffered and synced (one all-reduce and
-one device-to-host copy for the whole buffer) only at the log points, before a mid-epoch
+The losses stay on the device while training: they are buffered and synced by misc.sync_losses
+(one all-reduce and one device-to-host copy for the whole buffer) only at the log points, before a mid-epoch
 checkpoint and at the end of the epoch. A non-finite loss is detected there and stops the run
 before anything else is saved.
 """
-import math
-from contextlib import nullcontext
-
-import torch
-import torch.distributed as dist
-
 import util.lr_sched as lr_sched
 import util.misc as misc
 
@@ -47,7 +41,7 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
         update_grad = (data_iter_step + 1) % accum_iter == 0
 
         samples = samples.to(device, non_blocking=True)  # (N, C, H, W)
-        with _grad_sync(model, update_grad):
+        with misc.grad_sync(model, update_grad):
             with misc.autocast(device, precision):
                 loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
             loss_scaler(loss / accum_iter, optimizer, parameters=model.parameters(),
@@ -59,46 +53,15 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
         pending.append((data_iter_step, lr, loss.detach()))
         done = data_iter_step + 1
         save_now = save_every > 0 and update_grad and done % save_every == 0
-        if (data_iter_step % log_freq == 0 or data_iter_step == start_iter or done == iters_per_epoch
-                or save_now):
-            sync_losses(pending, epoch, iters_per_epoch, metric_logger, log_writer)
+        if save_now or misc.is_log_point(data_iter_step, start_iter, iters_per_epoch, log_freq):
+            misc.sync_losses(pending, epoch, iters_per_epoch, metric_logger, log_writer,
+                             loss_name="train_loss")  # TensorBoard: every iteration
             pending = []
         if save_now:  # after the finiteness check: a checkpoint never holds diverged weights
-            misc.save_model(args, epoch, unwrap(model), optimizer, loss_scaler, tag="last", step=done)
+            misc.save_model(args, epoch, misc.unwrap_model(model), optimizer, loss_scaler, tag="last",
+                            step=done)
 
     if pending:  # a data_loader shorter than its len()
-        sync_losses(pending, epoch, iters_per_epoch, metric_logger, log_writer)
+        misc.sync_losses(pending, epoch, iters_per_epoch, metric_logger, log_writer, loss_name="train_loss")
     print("Averaged stats:", metric_logger)
     return {k: meter.global_avg for k, meter in metric_logger.meters.items() if meter.count}
-
-
-def sync_losses(pending, epoch, iters_per_epoch, metric_logger, log_writer=None):
-    """Average the buffered losses over the processes (one all-reduce, one host copy), stop on a
-    non-finite one, then log each iteration: the 'loss' meter and, on rank 0, the TensorBoard
-    scalars 'train_loss' and 'lr' at x = epoch_1000x (the original's units)."""
-    losses = torch.stack([loss.float() for _, _, loss in pending])  # (B,) on the device
-    if misc.get_world_size() > 1:
-        dist.all_reduce(losses)
-        losses = losses / misc.get_world_size()
-    for (i, lr, _), value in zip(pending, losses.tolist()):
-        if not math.isfinite(value):
-            raise misc.NonFiniteLossError(value, epoch, i)
-        metric_logger.update(loss=value)
-        if log_writer is not None:
-            # epoch_1000x as the x-axis calibrates curves of different batch sizes
-            epoch_1000x = int((i / iters_per_epoch + epoch) * 1000)
-            log_writer.add_scalar("train_loss", value, epoch_1000x)
-            log_writer.add_scalar("lr", lr, epoch_1000x)
-
-
-def _grad_sync(model, update_grad):
-    """DDP all-reduces the gradients in every backward: skip that on accumulation steps."""
-    if update_grad or not hasattr(model, "no_sync"):
-        return nullcontext()
-    return model.no_sync()
-
-
-def unwrap(model):
-    """The bare model inside torch.compile and DistributedDataParallel wrappers."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

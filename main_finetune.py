@@ -15,26 +15,20 @@ train_* and test_* metrics); TensorBoard events to --log_dir.
 """
 import argparse
 import datetime
-import json
-import os
-import sys
 import time
 
 import torch
-import torch.backends.cudnn as cudnn
 from timm.data import Mixup
 from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
-from torch.utils.tensorboard import SummaryWriter
 
 import models_vit
 import util.lr_decay as lrd
 import util.misc as misc
 from engine_finetune import evaluate, load_pretrained_encoder, train_one_epoch
 from util.args import add_common_args, resolve_lr
-from util.datasets import SeededSampler, build_dataset, build_transform
+from util.datasets import (build_dataset, build_train_loader, build_transform, build_val_loader,
+                           check_num_classes)
 
 
 def get_args_parser():
@@ -87,13 +81,9 @@ def get_args_parser():
 
 def build_model(args, **kwargs):
     """models_vit.<args.model>(num_classes, global_pool, img_size=input_size, [patch_size], **kwargs)."""
-    names = sorted(n for n in vars(models_vit) if n.startswith("vit_"))
-    if args.model not in names:
-        raise ValueError(f"unknown --model {args.model!r}; choose one of: {', '.join(names)}")
-    kwargs.update(num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size)
-    if getattr(args, "patch_size", None):
-        kwargs["patch_size"] = args.patch_size
-    return getattr(models_vit, args.model)(**kwargs)
+    return misc.model_from_name(models_vit, args.model, "vit_", num_classes=args.nb_classes,
+                                global_pool=args.global_pool, img_size=args.input_size,
+                                patch_size=getattr(args, "patch_size", None), **kwargs)
 
 
 def build_criterion(args, mixup_fn=None):
@@ -116,84 +106,17 @@ def build_mixup(args):
                  label_smoothing=args.smoothing, num_classes=args.nb_classes)
 
 
-def build_data_loaders(args, dataset_train, dataset_val):
-    """Train: seeded RandomSampler / DistributedSampler, drop_last; val: sequential, or sharded
-    with --dist_eval. Each loader has its own generator, so starting an epoch never draws from
-    the global torch RNG. Returns (sampler_train, data_loader_train, data_loader_val)."""
-    rank, world_size = misc.get_rank(), misc.get_world_size()
-    if args.distributed:
-        sampler = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
-                                     seed=args.seed)
-    else:
-        sampler = RandomSampler(dataset_train)
-    sampler_train = SeededSampler(sampler, seed=args.seed)  # augmentation depends on (seed, epoch, index)
-    print("Sampler_train = %s" % str(sampler_train))
-    if args.distributed and args.dist_eval:
-        if len(dataset_val) % world_size != 0:
-            print("Warning: Enabling distributed evaluation with an eval dataset not divisible by process "
-                  "number. This will slightly alter validation results as extra duplicate entries are "
-                  "added to achieve equal num of samples per-process.")
-        sampler_val = DistributedSampler(dataset_val, num_replicas=world_size, rank=rank, shuffle=False)
-    else:
-        sampler_val = SequentialSampler(dataset_val)
-
-    workers = args.num_workers
-    common = dict(batch_size=args.batch_size, num_workers=workers,
-                  pin_memory=args.pin_mem and torch.device(args.device).type == "cuda",
-                  persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
-    data_loader_train = DataLoader(dataset_train, sampler=sampler_train, drop_last=True,
-                                   generator=torch.Generator().manual_seed(args.seed + rank), **common)
-    data_loader_val = DataLoader(dataset_val, sampler=sampler_val, drop_last=False,
-                                 generator=torch.Generator().manual_seed(args.seed + rank), **common)
-    if len(data_loader_train) == 0 and not args.eval:
-        raise ValueError(f"{len(dataset_train)} training images are fewer than one batch of "
-                         f"--batch_size {args.batch_size} per process x {world_size} processes")
-    return sampler_train, data_loader_train, data_loader_val
-
-
-def check_num_classes(args, dataset):
-    if len(dataset.classes) > args.nb_classes:
-        raise ValueError(f"{dataset.root} has {len(dataset.classes)} classes but --nb_classes is "
-                         f"{args.nb_classes}")
-
-
-def write_log(args, log_stats, log_writer=None):
-    """Append one JSON line to {output_dir}/log.txt (rank 0)."""
-    if not (args.output_dir and misc.is_main_process()):
-        return
-    if log_writer is not None:
-        log_writer.flush()
-    with open(os.path.join(args.output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
-        f.write(json.dumps(log_stats) + "\n")
-
-
 def main(args):
-    misc.init_distributed_mode(args)
-    misc.auto_resume(args)
-    if misc.is_main_process():
-        for folder in {args.output_dir, args.log_dir} - {None, ""}:
-            misc.check_output_dir(folder)
-
-    print("job dir: {}".format(os.path.dirname(os.path.realpath(__file__))))
-    print("{}".format(args).replace(", ", ",\n"))
-
-    device = torch.device(args.device)
-    args.precision = misc.resolve_precision(args.precision, device)
-
-    # fix the seed for reproducibility (each rank its own drop path / mixup draws)
-    misc.seed_everything(args.seed + misc.get_rank())
-    cudnn.benchmark = True
+    device = misc.init_run(args)
 
     dataset_train = build_dataset(True, args, build_transform(True, args))  # <data_path>/train
     dataset_val = build_dataset(False, args, build_transform(False, args))  # <data_path>/val
     print(dataset_train)
     print(dataset_val)
-    check_num_classes(args, dataset_train)
-    sampler_train, data_loader_train, data_loader_val = build_data_loaders(args, dataset_train, dataset_val)
-
-    log_writer = None
-    if misc.is_main_process() and args.log_dir and not args.eval:
-        log_writer = SummaryWriter(log_dir=args.log_dir)
+    check_num_classes(dataset_train, args.nb_classes)
+    sampler_train, data_loader_train = build_train_loader(args, dataset_train)
+    data_loader_val = build_val_loader(args, dataset_val)
+    log_writer = misc.create_log_writer(args)
 
     mixup_fn = build_mixup(args)
 
@@ -208,11 +131,7 @@ def main(args):
     print("number of params (M): %.2f" % (n_parameters / 1.0e6))
 
     resolve_lr(args)  # lr = blr * batch_size * accum_iter * world_size / 256 unless --lr
-
-    if args.distributed:
-        model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)  # checkpoints use the unwrapped model_without_ddp
+    model = misc.wrap_model(model, args)  # DDP / torch.compile; checkpoints use model_without_ddp
 
     # build optimizer with layer-wise lr decay (lrd)
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
@@ -251,7 +170,8 @@ def main(args):
         improved = test_stats["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats["acc1"])
         print(f"Max accuracy: {max_accuracy:.2f}%")
-        save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, max_accuracy, improved)
+        misc.save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler,
+                              extra={"max_accuracy": max_accuracy}, improved=improved)
 
         if log_writer is not None:
             log_writer.add_scalar("perf/test_acc1", test_stats["acc1"], epoch)
@@ -260,7 +180,7 @@ def main(args):
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in test_stats.items()},
                      "epoch": epoch, "n_parameters": n_parameters}
-        write_log(args, log_stats, log_writer)
+        misc.write_log(args, log_stats, log_writer)
 
     total_time = time.time() - start_time
     print("Training time {}".format(str(datetime.timedelta(seconds=int(total_time)))))
@@ -269,33 +189,5 @@ def main(args):
     return {"max_accuracy": max_accuracy}
 
 
-def save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, max_accuracy, improved):
-    """checkpoint-<epoch>.pth every --save_freq epochs and at the last one, checkpoint-last.pth
-    with --save_every_iters, checkpoint-best.pth when the top-1 improved. All ranks call it."""
-    if not args.output_dir:
-        return
-    state = dict(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
-                 loss_scaler=loss_scaler, epoch=epoch, extra={"max_accuracy": max_accuracy})
-    if (args.save_freq > 0 and epoch % args.save_freq == 0) or epoch + 1 == args.epochs:
-        misc.save_model(**state)
-    if args.save_every_iters > 0:  # keep checkpoint-last.pth current
-        misc.save_model(**state, tag="last")
-    if improved:
-        misc.save_model(**state, tag="best")
-
-
-def run(main_fn, args):
-    """Run main_fn(args); a non-finite loss exits with status 1 and one clear line."""
-    try:
-        main_fn(args)
-    except misc.NonFiniteLossError as e:
-        if misc.is_main_process():
-            sys.stderr.write(f"ERROR: {e}\n")
-        sys.exit(1)
-    finally:
-        if misc.is_dist_avail_and_initialized():
-            torch.distributed.destroy_process_group()
-
-
 if __name__ == "__main__":
-    run(main, get_args_parser().parse_args())
+    misc.run(main, get_args_parser().parse_args())

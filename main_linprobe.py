@@ -14,20 +14,17 @@ train_* and test_* metrics); TensorBoard events to --log_dir.
 """
 import argparse
 import datetime
-import os
 import time
 
 import torch
-import torch.backends.cudnn as cudnn
 from timm.layers import trunc_normal_
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
 
+import models_vit
 import util.misc as misc
 from engine_finetune import evaluate, load_pretrained_encoder, train_one_epoch
-from main_finetune import build_data_loaders, build_model, check_num_classes, run, save_checkpoints, write_log
 from util.args import add_common_args, resolve_lr
-from util.datasets import build_dataset, build_linprobe_transform
+from util.datasets import (build_dataset, build_linprobe_transform, build_train_loader, build_val_loader,
+                           check_num_classes)
 from util.lars import LARS
 
 
@@ -49,6 +46,13 @@ def get_args_parser():
     return parser
 
 
+def build_model(args):
+    """models_vit.<args.model>(num_classes, global_pool, img_size=input_size, [patch_size])."""
+    return misc.model_from_name(models_vit, args.model, "vit_", num_classes=args.nb_classes,
+                                global_pool=args.global_pool, img_size=args.input_size,
+                                patch_size=getattr(args, "patch_size", None))
+
+
 def add_linear_probe_head(model):
     """In place: model.head -> Sequential(BatchNorm1d(D, affine=False, eps=1e-6), head), and every
     parameter outside model.head frozen. Returns model."""
@@ -62,32 +66,17 @@ def add_linear_probe_head(model):
 
 
 def main(args):
-    misc.init_distributed_mode(args)
-    misc.auto_resume(args)
-    if misc.is_main_process():
-        for folder in {args.output_dir, args.log_dir} - {None, ""}:
-            misc.check_output_dir(folder)
-
-    print("job dir: {}".format(os.path.dirname(os.path.realpath(__file__))))
-    print("{}".format(args).replace(", ", ",\n"))
-
-    device = torch.device(args.device)
-    args.precision = misc.resolve_precision(args.precision, device)
-
-    misc.seed_everything(args.seed + misc.get_rank())
-    cudnn.benchmark = True
+    device = misc.init_run(args)
 
     # linear probe: weak augmentation (TF-style RandomResizedCrop + flip)
     dataset_train = build_dataset(True, args, build_linprobe_transform(True, args))  # <data_path>/train
     dataset_val = build_dataset(False, args, build_linprobe_transform(False, args))  # <data_path>/val
     print(dataset_train)
     print(dataset_val)
-    check_num_classes(args, dataset_train)
-    sampler_train, data_loader_train, data_loader_val = build_data_loaders(args, dataset_train, dataset_val)
-
-    log_writer = None
-    if misc.is_main_process() and args.log_dir and not args.eval:
-        log_writer = SummaryWriter(log_dir=args.log_dir)
+    check_num_classes(dataset_train, args.nb_classes)
+    sampler_train, data_loader_train = build_train_loader(args, dataset_train)
+    data_loader_val = build_val_loader(args, dataset_val)
+    log_writer = misc.create_log_writer(args)
 
     model = build_model(args)
     if args.finetune and not args.eval:
@@ -101,11 +90,7 @@ def main(args):
     print("number of params (M): %.2f" % (n_parameters / 1.0e6))
 
     resolve_lr(args)  # lr = blr * batch_size * accum_iter * world_size / 256 unless --lr
-
-    if args.distributed:
-        model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)  # checkpoints use the unwrapped model_without_ddp
+    model = misc.wrap_model(model, args)  # DDP / torch.compile; checkpoints use model_without_ddp
 
     optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     print(optimizer)
@@ -138,7 +123,8 @@ def main(args):
         improved = test_stats["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats["acc1"])
         print(f"Max accuracy: {max_accuracy:.2f}%")
-        save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, max_accuracy, improved)
+        misc.save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler,
+                              extra={"max_accuracy": max_accuracy}, improved=improved)
 
         if log_writer is not None:
             log_writer.add_scalar("perf/test_acc1", test_stats["acc1"], epoch)
@@ -147,7 +133,7 @@ def main(args):
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in test_stats.items()},
                      "epoch": epoch, "n_parameters": n_parameters}
-        write_log(args, log_stats, log_writer)
+        misc.write_log(args, log_stats, log_writer)
 
     total_time = time.time() - start_time
     print("Training time {}".format(str(datetime.timedelta(seconds=int(total_time)))))
@@ -157,4 +143,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run(main, get_args_parser().parse_args())
+    misc.run(main, get_args_parser().parse_args())

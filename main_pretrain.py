@@ -13,23 +13,17 @@ epochs and the last); TensorBoard events to --log_dir.
 """
 import argparse
 import datetime
-import json
 import os
-import sys
 import time
 
 import timm.optim
 import torch
-import torch.backends.cudnn as cudnn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
-from torch.utils.tensorboard import SummaryWriter
 
 import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
 from util.args import add_common_args, resolve_lr
-from util.datasets import (SeededSampler, build_dataset, build_eval_transform, build_pretrain_transform,
+from util.datasets import (build_dataset, build_eval_transform, build_pretrain_transform, build_train_loader,
                            load_and_transform)
 from util.visualize import save_reconstructions
 
@@ -53,13 +47,9 @@ def get_args_parser():
 
 def build_model(args):
     """models_mae.<args.model>(img_size=args.input_size, norm_pix_loss, [patch_size])."""
-    names = sorted(n for n in vars(models_mae) if n.startswith("mae_vit_"))
-    if args.model not in names:
-        raise ValueError(f"unknown --model {args.model!r}; choose one of: {', '.join(names)}")
-    kwargs = dict(img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
-    if getattr(args, "patch_size", None):
-        kwargs["patch_size"] = args.patch_size
-    return getattr(models_mae, args.model)(**kwargs)
+    return misc.model_from_name(models_mae, args.model, "mae_vit_", img_size=args.input_size,
+                                norm_pix_loss=args.norm_pix_loss,
+                                patch_size=getattr(args, "patch_size", None))
 
 
 def build_optimizer(model_without_ddp, args, device):
@@ -80,55 +70,13 @@ def load_vis_images(dataset, args):
 
 
 def main(args):
-    misc.init_distributed_mode(args)
-    misc.auto_resume(args)
-    if misc.is_main_process():
-        for folder in {args.output_dir, args.log_dir} - {None, ""}:
-            misc.check_output_dir(folder)
-
-    print("job dir: {}".format(os.path.dirname(os.path.realpath(__file__))))
-    print("{}".format(args).replace(", ", ",\n"))
-
-    device = torch.device(args.device)
-    args.precision = misc.resolve_precision(args.precision, device)
-    rank, world_size = misc.get_rank(), misc.get_world_size()
-
-    # fix the seed for reproducibility (each rank its own masking noise)
-    misc.seed_everything(args.seed + rank)
-    cudnn.benchmark = True
+    device = misc.init_run(args)
 
     dataset_train = build_dataset(True, args, build_pretrain_transform(args))  # <data_path>/train
     print(dataset_train)
-
     # (index, sample_seed) pairs: a sample's augmentation depends only on (seed, epoch, index)
-    if args.distributed:
-        sampler = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
-                                     seed=args.seed)
-    else:
-        sampler = RandomSampler(dataset_train)
-    sampler_train = SeededSampler(sampler, seed=args.seed)
-    print("Sampler_train = %s" % str(sampler_train))
-
-    log_writer = None
-    if misc.is_main_process() and args.log_dir:
-        log_writer = SummaryWriter(log_dir=args.log_dir)
-
-    workers = args.num_workers
-    data_loader_train = DataLoader(
-        dataset_train, sampler=sampler_train,
-        batch_size=args.batch_size,
-        num_workers=workers,
-        pin_memory=args.pin_mem and device.type == "cuda",
-        drop_last=True,
-        persistent_workers=workers > 0,
-        prefetch_factor=2 if workers > 0 else None,
-        # the loader's own generator seeds its workers, so creating an iterator never draws from
-        # the global torch RNG (the masking noise stays independent of num_workers)
-        generator=torch.Generator().manual_seed(args.seed + rank),
-    )
-    if len(data_loader_train) == 0:
-        raise ValueError(f"{len(dataset_train)} training images are fewer than one batch of "
-                         f"--batch_size {args.batch_size} per process x {world_size} processes")
+    sampler_train, data_loader_train = build_train_loader(args, dataset_train)
+    log_writer = misc.create_log_writer(args)
 
     # define the model
     model = build_model(args)
@@ -137,13 +85,7 @@ def main(args):
     print("Model = %s" % str(model_without_ddp))
 
     resolve_lr(args)  # lr = blr * batch_size * accum_iter * world_size / 256 unless --lr
-
-    if args.distributed:
-        model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
-    if args.compile:
-        # compiling the DDP-wrapped model lets dynamo split graphs at DDP's gradient buckets, so
-        # the all-reduce overlaps the backward; checkpoints use the unwrapped model_without_ddp
-        model = torch.compile(model)
+    model = misc.wrap_model(model, args)  # DDP / torch.compile; checkpoints use model_without_ddp
 
     optimizer = build_optimizer(model_without_ddp, args, device)
     print(optimizer)
@@ -168,41 +110,21 @@ def main(args):
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       log_writer=log_writer, args=args)
         args.start_iter = 0
-        last_epoch = epoch + 1 == args.epochs
 
-        if args.output_dir and ((args.save_freq > 0 and epoch % args.save_freq == 0) or last_epoch):
-            misc.save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
-                            loss_scaler=loss_scaler, epoch=epoch)
-        if args.output_dir and args.save_every_iters > 0:  # keep checkpoint-last.pth current
-            misc.save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
-                            loss_scaler=loss_scaler, epoch=epoch, tag="last")
-
+        misc.save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
-        if args.output_dir and misc.is_main_process():
-            if log_writer is not None:
-                log_writer.flush()
-            with open(os.path.join(args.output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
-                f.write(json.dumps(log_stats) + "\n")
+        misc.write_log(args, log_stats, log_writer)
 
-        if vis_images is not None and (epoch % args.vis_freq == 0 or last_epoch):
+        if vis_images is not None and (epoch % args.vis_freq == 0 or epoch + 1 == args.epochs):
             path = os.path.join(args.output_dir, "reconstructions", f"epoch_{epoch:04d}.png")
             save_reconstructions(model_without_ddp, vis_images, path, args.mask_ratio, vis_noise,
                                  log_writer=log_writer, step=epoch)
 
     total_time = time.time() - start_time
-    total_time_str = str(datetime.timedelta(seconds=int(total_time)))
-    print("Training time {}".format(total_time_str))
+    print("Training time {}".format(str(datetime.timedelta(seconds=int(total_time)))))
     if log_writer is not None:
         log_writer.close()
-    if args.distributed:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
-    try:
-        main(args)
-    except misc.NonFiniteLossError as e:
-        if misc.is_main_process():
-            sys.stderr.write(f"ERROR: {e}\n")
-        sys.exit(1)
+    misc.run(main, get_args_parser().parse_args())

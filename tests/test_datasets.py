@@ -15,8 +15,8 @@ from torchvision.transforms import functional as F
 from util import crop, datasets
 from util.datasets import (BadImageError, BadImageWarning, PretrainTransform, SeededSampler,
                            benchmark_transform, build_dataset, build_linprobe_transform,
-                           build_pretrain_transform, build_transform, load_and_transform,
-                           sample_seed)
+                           build_pretrain_transform, build_train_loader, build_transform,
+                           build_val_loader, check_num_classes, load_and_transform, sample_seed)
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -433,6 +433,56 @@ def test_wraps_distributed_sampler():
     odd = [SeededSampler(DistributedSampler(range(n - 1), num_replicas=2, rank=r), seed=0)
            for r in range(2)]  # padded with one repeated index, still covers everything
     assert set().union(*[{i for i, _ in s} for s in odd]) == set(range(n - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# DataLoaders of the training scripts
+# ---------------------------------------------------------------------------------------------
+
+def _loader_args(**kw):
+    args = dict(distributed=False, dist_eval=False, seed=3, batch_size=5, num_workers=0, pin_mem=True,
+                device="cpu", eval=False)
+    args.update(kw)
+    return _args(**args)
+
+
+def test_train_loader_is_seeded_drops_last_and_leaves_the_global_rng(seeded_dataset):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    sampler, loader = build_train_loader(_loader_args(), seeded_dataset)  # 12 images, batches of 5
+    assert isinstance(sampler, SeededSampler) and isinstance(sampler.sampler, RandomSampler)
+    assert loader.sampler is sampler and not loader.pin_memory  # pinning only for CUDA
+    sampler.set_epoch(1)
+    batches = [images for images, _ in loader]
+    assert [len(b) for b in batches] == [5, 5]  # drop_last
+    assert torch.equal(torch.rand(3), expected)  # iterating drew nothing from the global RNG
+    again = [images for images, _ in build_train_loader(_loader_args(), seeded_dataset)[1]]
+    assert not all(torch.equal(a, b) for a, b in zip(batches, again))  # epoch 0 != epoch 1
+    sampler2, loader2 = build_train_loader(_loader_args(), seeded_dataset)
+    sampler2.set_epoch(1)
+    assert all(torch.equal(a, b) for a, b in zip(batches, [images for images, _ in loader2]))
+
+
+def test_train_loader_with_fewer_images_than_a_batch(seeded_dataset):
+    with pytest.raises(ValueError, match="12 training images are fewer than one batch of --batch_size 13"):
+        build_train_loader(_loader_args(batch_size=13), seeded_dataset)
+    _, loader = build_train_loader(_loader_args(batch_size=13, eval=True), seeded_dataset)  # --eval
+    assert len(loader) == 0
+
+
+def test_val_loader_is_in_order_and_keeps_the_last_batch(seeded_dataset):
+    loader = build_val_loader(_loader_args(), seeded_dataset)
+    assert isinstance(loader.sampler, SequentialSampler)
+    assert [len(targets) for _, targets in loader] == [5, 5, 2]
+    assert torch.cat([t for _, t in loader]).tolist() == seeded_dataset.targets
+
+
+def test_check_num_classes(seeded_dataset):
+    check_num_classes(seeded_dataset, 2)
+    check_num_classes(seeded_dataset, 1000)
+    with pytest.raises(ValueError, match="has 2 classes but --nb_classes is 1"):
+        check_num_classes(seeded_dataset, 1)
 
 
 # ---------------------------------------------------------------------------------------------

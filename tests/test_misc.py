@@ -2,16 +2,19 @@
 safe checkpoints, RNG capture, resume (whole and mid-epoch), auto-resume, distributed helpers."""
 import argparse
 import builtins
+import contextlib
 import json
 import os
 import pickle
 import random
+import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import numpy as np
 import pytest
@@ -625,3 +628,161 @@ def test_two_process_gloo(tmp_path):
     assert results[0]["path"] == ckpt_path and results[1]["path"] is None
     rng = misc.load_checkpoint(ckpt_path)["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the training engines and the three scripts
+# ---------------------------------------------------------------------------------------------
+
+class FakeWriter:
+    def __init__(self):
+        self.scalars, self.flushed = [], False
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, step, value))
+
+    def flush(self):
+        self.flushed = True
+
+
+def test_sync_losses_scalar_name_and_accumulation_boundaries():
+    pending = [(i, 0.1 * i, torch.tensor(float(i))) for i in range(4)]  # (iteration, lr, loss)
+    every, boundaries = FakeWriter(), FakeWriter()
+    meters = misc.MetricLogger()
+    misc.sync_losses(pending, 2, 8, meters, every, loss_name="train_loss")  # pretrain: every iteration
+    assert meters.loss.count == 4 and meters.loss.global_avg == 1.5
+    assert [(tag, step) for tag, step, _ in every.scalars] == [
+        (tag, step) for step in (2000, 2125, 2250, 2375) for tag in ("train_loss", "lr")]
+    misc.sync_losses(pending, 2, 8, misc.MetricLogger(), boundaries, loss_name="loss", accum_iter=2)
+    assert boundaries.scalars == [("loss", 2125, 1.0), ("lr", 2125, 0.1), ("loss", 2375, 3.0),
+                                  ("lr", 2375, pytest.approx(0.3))]  # finetune: accumulation ends
+
+
+def test_sync_losses_stops_at_the_first_non_finite_loss():
+    pending = [(5, 0.1, torch.tensor(1.0)), (6, 0.1, torch.tensor(float("inf"))), (7, 0.1, torch.tensor(2.0))]
+    writer, meters = FakeWriter(), misc.MetricLogger()
+    with pytest.raises(misc.NonFiniteLossError, match="Loss is inf at epoch 1, iteration 6"):
+        misc.sync_losses(pending, 1, 10, meters, writer)
+    assert meters.loss.count == 1 and [step for _, step, _ in writer.scalars] == [1500, 1500]
+
+
+def test_is_log_point_matches_log_every(capsys):
+    assert [i for i in range(10) if misc.is_log_point(i, 0, 10, 4)] == [0, 4, 8, 9]
+    assert [i for i in range(3, 10) if misc.is_log_point(i, 3, 10, 4)] == [3, 4, 8, 9]
+    for _ in misc.MetricLogger().log_every(range(7), 4, "E", start_iter=3):
+        pass
+    printed = re.findall(r"\[ ?(\d+)/10\]", capsys.readouterr().out)
+    assert printed == ["3", "4", "8", "9"]  # log_every prints where the engines sync
+
+
+def test_unwrap_model_wrap_model_and_grad_sync():
+    model = nn.Linear(2, 2)
+    args = argparse.Namespace(distributed=False, compile=False, device="cpu", gpu=0)
+    assert misc.wrap_model(model, args) is model and misc.unwrap_model(model) is model
+    compiled = misc.wrap_model(model, argparse.Namespace(**{**vars(args), "compile": True}))
+    assert compiled is not model and misc.unwrap_model(compiled) is model
+
+    class NoSync(nn.Linear):
+        skipped = 0
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            NoSync.skipped += 1
+            yield
+
+    ddp_like = NoSync(2, 2)
+    with misc.grad_sync(ddp_like, update_grad=True):
+        pass
+    assert NoSync.skipped == 0  # the update step all-reduces
+    with misc.grad_sync(ddp_like, update_grad=False):
+        pass
+    assert NoSync.skipped == 1  # accumulation steps skip the all-reduce
+    with misc.grad_sync(model, update_grad=False):  # no DDP: nothing to skip
+        pass
+
+
+def test_model_from_name():
+    zoo = types.ModuleType("zoo")
+    zoo.net_small = lambda **kwargs: ("small", kwargs)
+    zoo.net_big = lambda **kwargs: ("big", kwargs)
+    zoo.helper = lambda **kwargs: None
+    assert misc.model_from_name(zoo, "net_big", "net_", depth=2, patch_size=None) == ("big", {"depth": 2})
+    with pytest.raises(ValueError, match="unknown --model 'helper'; choose one of: net_big, net_small$"):
+        misc.model_from_name(zoo, "helper", "net_")
+
+
+def test_save_checkpoints_policy(tmp_path):
+    def run_epochs(folder, **kw):
+        folder.mkdir()
+        args = argparse.Namespace(**{**dict(output_dir=str(folder), epochs=6, save_freq=2,
+                                            save_every_iters=0), **kw})
+        model = nn.Linear(2, 2)
+        for epoch in range(args.epochs):
+            misc.save_checkpoints(args, epoch, model, None, None, extra={"max_accuracy": epoch},
+                                  improved=epoch in (1, 3))
+        return sorted(os.listdir(folder))
+
+    assert run_epochs(tmp_path / "a") == ["checkpoint-0.pth", "checkpoint-2.pth", "checkpoint-4.pth",
+                                          "checkpoint-5.pth", "checkpoint-best.pth"]  # + the last epoch
+    best = misc.load_checkpoint(tmp_path / "a" / "checkpoint-best.pth")
+    assert (best["epoch"], best["max_accuracy"]) == (3, 3)
+    assert run_epochs(tmp_path / "b", save_freq=0, save_every_iters=10) == [
+        "checkpoint-5.pth", "checkpoint-best.pth", "checkpoint-last.pth"]
+    last = misc.load_checkpoint(tmp_path / "b" / "checkpoint-last.pth")
+    assert (last["epoch"], last["step"]) == (5, None)  # a complete epoch
+    misc.save_checkpoints(argparse.Namespace(output_dir=""), 0, None, None, None, improved=True)  # no-op
+
+
+def test_write_log_and_create_log_writer(tmp_path):
+    args = argparse.Namespace(output_dir=str(tmp_path), log_dir="")
+    writer = FakeWriter()
+    misc.write_log(args, {"train_loss": 0.5, "epoch": 0}, writer)
+    misc.write_log(args, {"epoch": 1})
+    with open(tmp_path / "log.txt") as f:
+        assert [json.loads(line) for line in f] == [{"train_loss": 0.5, "epoch": 0}, {"epoch": 1}]
+    assert writer.flushed
+    misc.write_log(argparse.Namespace(output_dir=""), {"epoch": 2})  # no output_dir: nothing written
+
+    assert misc.create_log_writer(args) is None  # no --log_dir
+    tb = tmp_path / "tb"
+    assert misc.create_log_writer(argparse.Namespace(log_dir=str(tb), eval=True)) is None
+    writer = misc.create_log_writer(argparse.Namespace(log_dir=str(tb)))
+    writer.close()
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tb))
+
+
+def test_run_exits_with_one_line_on_a_non_finite_loss(capsys):
+    def diverges(args):
+        raise misc.NonFiniteLossError(float("nan"), 2, 7)
+
+    with pytest.raises(SystemExit) as e:
+        misc.run(diverges, None)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ERROR: Loss is nan at epoch 2, iteration 7;") and err.count("\n") == 1
+    seen = []
+    misc.run(seen.append, "args")
+    assert seen == ["args"]
+    with pytest.raises(KeyError):  # other errors keep their traceback
+        misc.run(lambda args: {}[args], "missing")
+
+
+def test_init_run_single_process(tmp_path, monkeypatch, capsys):
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    out = tmp_path / "out"
+    out.mkdir()
+    checkpoint = misc.save_model(argparse.Namespace(output_dir=str(out)), 3, nn.Linear(2, 2), None, None)
+    argv = ["--device", "cpu", "--seed", "7", "--output_dir", str(out), "--log_dir", str(tmp_path / "tb" / "x")]
+    args = add_common_args(argparse.ArgumentParser()).parse_args(argv)
+
+    device = misc.init_run(args)
+    assert device == torch.device("cpu") and args.precision == "fp32" and not args.distributed
+    assert args.resume == checkpoint  # --auto_resume found the checkpoint
+    assert (tmp_path / "tb" / "x").is_dir() and torch.backends.cudnn.benchmark
+    drawn = draws()
+    misc.seed_everything(7)  # seed + rank 0
+    assert draws() == drawn
+    printed = capsys.readouterr().out
+    assert f"job dir: {REPO}\n" in printed and "seed=7,\n" in printed

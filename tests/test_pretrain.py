@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-import engine_pretrain
 import main_pretrain
 import util.misc as misc
 from engine_pretrain import train_one_epoch
@@ -375,7 +374,7 @@ def test_no_host_sync_per_iteration(monkeypatch):
 
 def test_unwrap_finds_the_bare_model():
     model = tiny_mae()
-    assert engine_pretrain.unwrap(model) is model
+    assert misc.unwrap_model(model) is model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
   augmentations (ImageNet mean/std normalisation).
 - SeededSampler: yields (index, sample_seed) so that each sample's augmentation depends only on
   (seed, epoch, index), not on the DataLoader's workers; supports mid-epoch resume.
+- build_train_loader / build_val_loader: the DataLoaders of the three training scripts.
 - benchmark_transform: images/s of decode + transform on one CPU thread.
 """
 import contextlib
@@ -26,6 +27,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
+from util import misc
 from util.crop import RandomResizedCrop
 
 # What PIL raises for files it cannot decode (UnidentifiedImageError and "image file is
@@ -305,6 +307,13 @@ def build_dataset(is_train, args, transform):
     return ImageFolderDataset(root, transform, skip_bad_images=getattr(args, "skip_bad_images", False))
 
 
+def check_num_classes(dataset, nb_classes):
+    """A ValueError when the dataset has more classes than the classifier's --nb_classes."""
+    if len(dataset.classes) > nb_classes:
+        raise ValueError(f"{dataset.root} has {len(dataset.classes)} classes but --nb_classes is "
+                         f"{nb_classes}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampler
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +358,65 @@ class SeededSampler(torch.utils.data.Sampler):
             self.sampler.generator.manual_seed(sample_seed(self.seed, self.epoch, 0, stream=1))
         for index in itertools.islice(self.sampler, self.start, None):
             yield index, sample_seed(self.seed, self.epoch, index)
+
+
+# ---------------------------------------------------------------------------------------------
+# DataLoaders
+# ---------------------------------------------------------------------------------------------
+
+def _loader(args, dataset, sampler, drop_last):
+    """DataLoader with args.batch_size and args.num_workers (persistent, prefetching 2 batches),
+    pinned memory only for a CUDA device (--pin_mem), and its own generator seeded with
+    seed + rank: creating an iterator seeds the workers from it and never draws from the global
+    torch RNG, so the training randomness (e.g. masking noise) does not depend on num_workers."""
+    workers = args.num_workers
+    return torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=args.batch_size, drop_last=drop_last,
+        num_workers=workers,
+        pin_memory=args.pin_mem and torch.device(args.device).type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(args.seed + misc.get_rank()),
+    )
+
+
+def build_train_loader(args, dataset):
+    """The training DataLoader (drop_last) and its SeededSampler: a DistributedSampler (this
+    rank's shard, reshuffled by set_epoch) when args.distributed, else a RandomSampler, wrapped
+    so that a sample's augmentation depends only on (seed, epoch, index). Call
+    sampler.set_epoch(epoch) before each epoch. Raises a ValueError when the dataset holds fewer
+    images than one batch of all the processes (except with --eval, which does not train).
+    Returns (sampler, loader)."""
+    world_size = misc.get_world_size()
+    if args.distributed:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=misc.get_rank(),
+                                                      shuffle=True, seed=args.seed)
+    else:
+        sampler = torch.utils.data.RandomSampler(dataset)
+    sampler = SeededSampler(sampler, seed=args.seed)
+    print("Sampler_train = %s" % str(sampler))
+    loader = _loader(args, dataset, sampler, drop_last=True)
+    if len(loader) == 0 and not getattr(args, "eval", False):
+        raise ValueError(f"{len(dataset)} training images are fewer than one batch of "
+                         f"--batch_size {args.batch_size} per process x {world_size} processes")
+    return sampler, loader
+
+
+def build_val_loader(args, dataset):
+    """The evaluation DataLoader: every image in order, or with --dist_eval (when distributed)
+    this rank's shard of a DistributedSampler, which pads the last shard with repeated images
+    when the dataset does not divide by the number of processes (as the original)."""
+    world_size = misc.get_world_size()
+    if args.distributed and args.dist_eval:
+        if len(dataset) % world_size != 0:
+            print("Warning: Enabling distributed evaluation with an eval dataset not divisible by process "
+                  "number. This will slightly alter validation results as extra duplicate entries are "
+                  "added to achieve equal num of samples per-process.")
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=misc.get_rank(),
+                                                      shuffle=False)
+    else:
+        sampler = torch.utils.data.SequentialSampler(dataset)
+    return _loader(args, dataset, sampler, drop_last=False)
 
 
 # ---------------------------------------------------------------------------------------------

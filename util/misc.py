@@ -1,4 +1,7 @@
-"""Shared helpers of the MAE scripts: distributed setup, logging, mixed precision, checkpoints, RNG.
+"""Shared helpers of the MAE scripts: distributed setup, logging, mixed precision, checkpoints, RNG,
+the pieces both training engines use (unwrap_model, grad_sync, is_log_point, sync_losses) and
+the set-up and plumbing all three main scripts use (init_run, model_from_name, create_log_writer,
+wrap_model, save_checkpoints, write_log, run).
 
 Reliability rules followed here:
 - metrics stay on their device until printed (no per-step host-device sync);
@@ -10,6 +13,7 @@ import argparse
 import builtins
 import datetime
 import fnmatch
+import json
 import math
 import os
 import pickle
@@ -18,8 +22,10 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections import defaultdict, deque
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -211,6 +217,13 @@ class SmoothedValue:
                                max=self.max, value=self.value)
 
 
+def is_log_point(i, start_iter, iters_per_epoch, log_freq):
+    """Whether MetricLogger.log_every prints after iteration i of an epoch that it joined at
+    start_iter: every log_freq iterations, the first and the last. The training engines sync
+    their losses at these iterations, so the printed meters are up to date."""
+    return i % log_freq == 0 or i == start_iter or i == iters_per_epoch - 1
+
+
 class MetricLogger:
     """A dict of SmoothedValue meters plus a logging iterator for the training loops."""
 
@@ -258,7 +271,7 @@ class MetricLogger:
             data_time.update(time.time() - end)
             yield obj
             iter_time.update(time.time() - end)
-            if i % print_freq == 0 or i == start_iter or i == total - 1:
+            if is_log_point(i, start_iter, total, print_freq):
                 eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
                 parts = [header, f"[{i:>{width}}/{total}]", f"eta: {eta}", str(self),
                          f"time: {iter_time}", f"data: {data_time}"]
@@ -671,3 +684,158 @@ def check_output_dir(path):
     except OSError as e:
         raise RuntimeError(f"output folder '{path}' is not writable ({type(e).__name__}: {e.strerror or e}); "
                            "choose another --output_dir / --log_dir") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loops (engine_pretrain, engine_finetune)
+# ---------------------------------------------------------------------------------------------
+
+
+def unwrap_model(model):
+    """The bare model inside torch.compile and DistributedDataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def grad_sync(model, update_grad):
+    """Context for one backward: DDP all-reduces the gradients in every backward, so skip that
+    (model.no_sync()) on the accumulation steps of --accum_iter, where update_grad is False."""
+    if update_grad or not hasattr(model, "no_sync"):
+        return nullcontext()
+    return model.no_sync()
+
+
+def sync_losses(pending, epoch, iters_per_epoch, metric_logger, log_writer=None, loss_name="loss",
+                accum_iter=1):
+    """Average the buffered losses over the processes (one all-reduce, one host copy), stop on a
+    non-finite one, then log each iteration.
+
+    pending: [(iteration, lr, loss as a 0-d tensor on the device)] not synced yet.
+    Each loss goes into the 'loss' meter of metric_logger. On rank 0 (log_writer set) the
+    TensorBoard scalars `loss_name` and 'lr' are written for every iteration that ends an
+    accumulation cycle of `accum_iter` (every iteration with accum_iter=1), at
+    x = epoch_1000x, the original's units, which calibrate curves of different batch sizes.
+    Raises NonFiniteLossError naming the first non-finite loss's epoch and iteration.
+    """
+    losses = torch.stack([loss.float() for _, _, loss in pending])  # (B,) on the device
+    if get_world_size() > 1:
+        dist.all_reduce(losses)
+        losses = losses / get_world_size()
+    for (i, lr, _), value in zip(pending, losses.tolist()):
+        if not math.isfinite(value):
+            raise NonFiniteLossError(value, epoch, i)
+        metric_logger.update(loss=value)
+        if log_writer is not None and (i + 1) % accum_iter == 0:
+            epoch_1000x = int((i / iters_per_epoch + epoch) * 1000)
+            log_writer.add_scalar(loss_name, value, epoch_1000x)
+            log_writer.add_scalar("lr", lr, epoch_1000x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scripts (main_pretrain, main_finetune, main_linprobe)
+# ---------------------------------------------------------------------------------------------
+
+
+def init_run(args):
+    """The common start of the three training scripts; returns the torch.device to train on.
+
+    In order: join the process group or set up a single process (init_distributed_mode), point
+    args.resume at the latest checkpoint with --auto_resume, check that --output_dir and
+    --log_dir are writable (rank 0), print the job dir and the arguments, resolve
+    args.precision for the device, seed torch / numpy / random with seed + rank (each rank its
+    own masking noise, drop path and mixup draws) and turn on cudnn.benchmark.
+    """
+    init_distributed_mode(args)
+    auto_resume(args)
+    if is_main_process():
+        for folder in {args.output_dir, args.log_dir} - {None, ""}:
+            check_output_dir(folder)
+
+    print("job dir: {}".format(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
+    print("{}".format(args).replace(", ", ",\n"))
+
+    device = torch.device(args.device)
+    args.precision = resolve_precision(args.precision, device)
+    seed_everything(args.seed + get_rank())
+    torch.backends.cudnn.benchmark = True
+    return device
+
+
+def model_from_name(module, name, prefix, **kwargs):
+    """module.<name>(**kwargs): the model that --model names, e.g.
+    model_from_name(models_vit, "vit_base_patch16", "vit_", num_classes=10).
+
+    The choices are module's attributes whose names start with `prefix`; another name raises a
+    ValueError listing them. Keyword arguments that are None are left out, so the factory's
+    default holds (e.g. patch_size=args.patch_size when --patch_size is not given).
+    """
+    names = sorted(n for n in vars(module) if n.startswith(prefix))
+    if name not in names:
+        raise ValueError(f"unknown --model {name!r}; choose one of: {', '.join(names)}")
+    return getattr(module, name)(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def create_log_writer(args):
+    """A TensorBoard SummaryWriter on args.log_dir on rank 0 when training, else None."""
+    if not (is_main_process() and args.log_dir) or getattr(args, "eval", False):
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # imported here: only the scripts need it
+    return SummaryWriter(log_dir=args.log_dir)
+
+
+def wrap_model(model, args):
+    """DistributedDataParallel when distributed, then torch.compile with --compile.
+
+    Compiling the DDP-wrapped model lets dynamo split graphs at DDP's gradient buckets, so the
+    all-reduce overlaps the backward. Keep the bare model (model_without_ddp) for the optimizer
+    and the checkpoints.
+    """
+    if args.distributed:
+        device_ids = [args.gpu] if torch.device(args.device).type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if args.compile:
+        model = torch.compile(model)
+    return model
+
+
+def save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, extra=None, improved=False):
+    """The end-of-epoch checkpoints: checkpoint-<epoch>.pth every --save_freq epochs and at the
+    last one, checkpoint-last.pth with --save_every_iters (so it is never older than the epoch
+    checkpoints), checkpoint-best.pth when `improved`. Nothing without --output_dir.
+    extra: entries added to each checkpoint (e.g. {'max_accuracy': ...}). All ranks call it.
+    """
+    if not args.output_dir:
+        return
+    state = dict(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
+                 loss_scaler=loss_scaler, epoch=epoch, extra=extra)
+    if (args.save_freq > 0 and epoch % args.save_freq == 0) or epoch + 1 == args.epochs:
+        save_model(**state)
+    if args.save_every_iters > 0:  # keep checkpoint-last.pth current
+        save_model(**state, tag="last")
+    if improved:
+        save_model(**state, tag="best")
+
+
+def write_log(args, log_stats, log_writer=None):
+    """Append log_stats as one JSON line to {output_dir}/log.txt (rank 0), after flushing the
+    TensorBoard writer."""
+    if not (args.output_dir and is_main_process()):
+        return
+    if log_writer is not None:
+        log_writer.flush()
+    with open(os.path.join(args.output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
+        f.write(json.dumps(log_stats) + "\n")
+
+
+def run(main_fn, args):
+    """Run a script's main_fn(args): a NonFiniteLossError ends it with one clear line on stderr
+    (rank 0) and exit status 1; the process group is destroyed at the end either way."""
+    try:
+        main_fn(args)
+    except NonFiniteLossError as e:
+        if is_main_process():
+            sys.stderr.write(f"ERROR: {e}\n")
+        sys.exit(1)
+    finally:
+        if is_dist_avail_and_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,682 @@
+"""Training-speed benchmark for MAE: this implementation against the original release's way.
+
+Each mode is one row of the table, measured in the same process on the same machine:
+
+  fast               how main_pretrain.py trains: autocast in --precision (bf16 on GPUs), fused
+                     scaled-dot-product attention (timm's default), AdamW fused on CUDA / foreach
+                     on CPU, no host-device sync inside the step, optional --compile.
+  baseline           the original release (facebookresearch/mae on timm 0.3.2): fp16 autocast +
+                     GradScaler on CUDA (fp32 on the CPU), attention computed explicitly as
+                     softmax(q k^T * scale) v, loss.item() after the forward and
+                     torch.cuda.synchronize() after every step, single-tensor (for-loop) AdamW.
+  all_tokens         fast settings, but the encoder processes all L patches, removed ones
+                     replaced by a learned mask token (SimMIM-style, the paper's "encoder w/ [M]"
+                     ablation); the decoder is unchanged. fast vs all_tokens is MAE's own saving.
+  finetune           the models_vit counterpart (global pool, layer-wise lr decay groups, label
+                     smoothing CE on random labels) with the fast settings.
+  finetune_baseline  the same classifier trained the original's way.
+
+Inputs are synthetic tensors already on the device (model-bound). With --data_path, the
+pretraining transform is also timed on one core, the DataLoader alone with --num_workers
+workers, and the fast step fed by that DataLoader (data-bound row "fast+data").
+
+Reported per row: images/s (median over the timed steps after warm-up), step ms, peak memory
+(CUDA max_memory_allocated; on the CPU the peak resident set, sampled every 5 ms, minus the
+resident set before the mode was built), achieved TFLOP/s from analytic model FLOPs (training
+= 3x forward, see mae_forward_flops), MFU against --peak_tflops (CUDA only) and the speedup over
+the baseline of the same task.
+
+  python benchmark.py --model mae_vit_large_patch16 --batch_size 64 --modes fast,baseline,all_tokens
+  python benchmark.py --make_jpegs /tmp/jpegs --n 256 --size 500x375
+  python benchmark.py --device cpu --modes fast --data_path /tmp/jpegs --num_workers 2
+"""
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import threading
+import time
+
+import numpy as np
+import timm
+import timm.optim
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import models_mae
+import models_vit
+from util.datasets import (SeededSampler, benchmark_transform, build_dataset, build_pretrain_transform,
+                           load_and_transform, seeded_rngs)
+from util.lr_decay import param_groups_lrd
+from util.misc import NativeScalerWithGradNormCount, autocast, resolve_precision
+
+ALL_MODES = ("fast", "baseline", "all_tokens", "finetune", "finetune_baseline")
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytic FLOPs
+# ---------------------------------------------------------------------------------------------
+
+def block_flops(tokens, dim, mlp_ratio=4.0):
+    """Forward FLOPs of one pre-norm transformer block on `tokens` tokens of width `dim`.
+
+    Matrix products only, 2 FLOPs per multiply-accumulate:
+      qkv 3D*D, proj D*D, mlp 2*(mlp_ratio*D*D)  ->  2*T*(4 + 2*mlp_ratio)*D*D
+      q k^T and attn v                           ->  2 * 2*T*T*D
+    (= 2*T*(3D*D + D*D + 8D*D) + 4*T*T*D for mlp_ratio 4). LayerNorm, softmax, GELU and
+    residual adds are not counted.
+    """
+    hidden = int(dim * mlp_ratio)
+    linear = 2 * tokens * (4 * dim * dim + 2 * dim * hidden)
+    attention = 2 * 2 * tokens * tokens * dim
+    return linear + attention
+
+
+def mae_forward_flops(num_patches, patch_dim, embed_dim, depth, decoder_embed_dim, decoder_depth,
+                      mlp_ratio=4.0, mask_ratio=0.75, all_tokens=False):
+    """Forward FLOPs of MaskedAutoencoderViT for ONE image (training step = 3x this).
+
+    num_patches L, patch_dim p*p*C, K = int(L * (1 - mask_ratio)) visible patches:
+      patch embed    2 * L * (p*p*C) * D           (the conv runs on every patch)
+      encoder        depth x block(1 + K, D)       (all_tokens: block(1 + L, D))
+      decoder_embed  2 * (1 + K) * D * Dd          (all_tokens: 1 + L tokens)
+      decoder        decoder_depth x block(1 + L, Dd)
+      decoder_pred   2 * L * Dd * (p*p*C)
+    """
+    L = num_patches
+    K = int(L * (1 - mask_ratio))
+    enc_tokens = 1 + (L if all_tokens else K)
+    flops = 2 * L * patch_dim * embed_dim
+    flops += depth * block_flops(enc_tokens, embed_dim, mlp_ratio)
+    flops += 2 * enc_tokens * embed_dim * decoder_embed_dim
+    flops += decoder_depth * block_flops(1 + L, decoder_embed_dim, mlp_ratio)
+    flops += 2 * L * decoder_embed_dim * patch_dim
+    return flops
+
+
+def vit_forward_flops(num_patches, patch_dim, embed_dim, depth, num_classes, mlp_ratio=4.0):
+    """Forward FLOPs of the ViT classifier for ONE image: patch embed, depth x block(1 + L, D),
+    head 2 * D * num_classes."""
+    flops = 2 * num_patches * patch_dim * embed_dim
+    flops += depth * block_flops(1 + num_patches, embed_dim, mlp_ratio)
+    flops += 2 * embed_dim * num_classes
+    return flops
+
+
+def _encoder_dims(model):
+    """(L, p*p*C, D, depth, mlp_ratio) read off a MAE or ViT model."""
+    pe = model.patch_embed
+    L = pe.num_patches
+    patch_dim = pe.proj.in_channels * pe.patch_size[0] * pe.patch_size[1]
+    D = pe.proj.out_channels
+    mlp_ratio = model.blocks[0].mlp.fc1.out_features / D
+    return L, patch_dim, D, len(model.blocks), mlp_ratio
+
+
+def train_flops_per_image(model, mode, mask_ratio):
+    """Training FLOPs per image (3x forward: backward costs twice the forward) for a mode."""
+    if mode.startswith("finetune"):
+        L, patch_dim, D, depth, mlp_ratio = _encoder_dims(model)
+        return 3 * vit_forward_flops(L, patch_dim, D, depth, model.head.out_features, mlp_ratio)
+    mae = model.mae if isinstance(model, AllTokensMAE) else model
+    L, patch_dim, D, depth, mlp_ratio = _encoder_dims(mae)
+    return 3 * mae_forward_flops(L, patch_dim, D, depth, mae.decoder_embed.out_features,
+                                 len(mae.decoder_blocks), mlp_ratio, mask_ratio,
+                                 all_tokens=(mode == "all_tokens"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+class AllTokensMAE(nn.Module):
+    """MAE whose encoder also processes the removed patches, as a learned mask token.
+
+    The paper's "encoder w/ [M]" ablation (and SimMIM's encoder): the same random mask as MAE,
+    the patch embeddings of removed patches are replaced by an encoder-width mask token, all
+    1 + L tokens go through the encoder, then straight into the unchanged decoder (no mask
+    tokens to insert, no unshuffle). The loss is MAE's, on the removed patches only.
+    Reuses the wrapped model's modules; adds only `mask_token` (1, 1, D).
+    """
+
+    def __init__(self, mae):
+        super().__init__()
+        self.mae = mae
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, mae.cls_token.shape[-1]))
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        """imgs: (N, C, H, W) -> loss, pred (N, L, p*p*C), mask (N, L)."""
+        mae = self.mae
+        x = mae.patch_embed(imgs)  # (N, L, D)
+        _, mask, _ = mae.random_masking(x, mask_ratio, noise)  # mask (N, L): 1 = removed
+        removed = mask.unsqueeze(-1).to(x.dtype)  # (N, L, 1)
+        x = x * (1 - removed) + self.mask_token.to(x.dtype) * removed
+        x = x + mae.pos_embed[:, 1:, :]
+        cls_token = mae.cls_token + mae.pos_embed[:, :1, :]
+        x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (N, 1+L, D)
+        for blk in mae.blocks:
+            x = blk(x)
+        x = mae.norm(x)
+
+        x = mae.decoder_embed(x) + mae.decoder_pos_embed  # (N, 1+L, Dd)
+        for blk in mae.decoder_blocks:
+            x = blk(x)
+        pred = mae.decoder_pred(mae.decoder_norm(x))[:, 1:, :]  # (N, L, p*p*C)
+        return mae.forward_loss(imgs, pred, mask), pred, mask
+
+
+def use_explicit_attention(model):
+    """Make every timm Attention in model compute softmax(q k^T * scale) v with explicit
+    matrix products (the original release's attention) instead of fused SDPA.
+    Returns the number of attention modules switched."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+            count += 1
+    return count
+
+
+def vit_name(mae_name):
+    """models_vit counterpart of a models_mae name: mae_vit_base_patch16[_dec512d8b] ->
+    vit_base_patch16."""
+    return re.sub(r"_dec\d+d\d+b$", "", mae_name.removeprefix("mae_"))
+
+
+def build_mae(args):
+    if args.model not in models_mae.__dict__ or not args.model.startswith("mae_"):
+        names = sorted(n for n in models_mae.__dict__ if n.startswith("mae_vit"))
+        raise SystemExit(f"unknown --model {args.model}; choose from {', '.join(names)}")
+    kwargs = dict(img_size=args.input_size, **args.model_kwargs)
+    if args.patch_size:
+        kwargs["patch_size"] = args.patch_size
+    return models_mae.__dict__[args.model](**kwargs)
+
+
+def build_vit(args):
+    name = vit_name(args.model)
+    kwargs = {k: v for k, v in args.model_kwargs.items()
+              if not k.startswith("decoder") and k != "norm_pix_loss"}
+    if args.patch_size:
+        kwargs["patch_size"] = args.patch_size
+    return models_vit.__dict__[name](img_size=args.input_size, num_classes=args.num_classes,
+                                     global_pool=True, drop_path_rate=args.drop_path, **kwargs)
+
+
+def build_model(args, mode):
+    """The module trained in `mode` (not compiled)."""
+    if mode.startswith("finetune"):
+        model = build_vit(args)
+    elif mode == "all_tokens":
+        model = AllTokensMAE(build_mae(args))
+    else:
+        model = build_mae(args)
+    if mode.endswith("baseline"):
+        use_explicit_attention(model)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Training steps
+# ---------------------------------------------------------------------------------------------
+
+def build_optimizer(model, mode, device):
+    """AdamW as main_pretrain / main_finetune build it; single-tensor (for-loop) for baseline."""
+    if mode.startswith("finetune"):
+        groups = param_groups_lrd(model, 0.05, model.no_weight_decay(), layer_decay=0.75)
+        betas = (0.9, 0.999)
+    else:
+        groups = timm.optim.param_groups_weight_decay(model, 0.05)
+        betas = (0.9, 0.95)
+    if mode.endswith("baseline"):
+        impl = dict(foreach=False, fused=False)
+    elif device.type == "cuda":
+        impl = dict(fused=True)
+    else:
+        impl = dict(foreach=True)
+    return torch.optim.AdamW(groups, lr=1e-4, betas=betas, **impl)
+
+
+def make_loss_fn(model, mode, args):
+    """(imgs, targets) -> scalar loss for the mode's task."""
+    if mode.startswith("finetune"):
+        criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+        return lambda imgs, targets: criterion(model(imgs), targets)
+    return lambda imgs, targets: model(imgs, mask_ratio=args.mask_ratio)[0]
+
+
+def make_fast_step(loss_fn, optimizer, precision, device):
+    """One training step as main_pretrain runs it: no host-device sync inside."""
+    scaler = NativeScalerWithGradNormCount(enabled=precision == "fp16", device_type=device.type)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def step(imgs, targets):
+        with autocast(device, precision):
+            loss = loss_fn(imgs, targets)
+        scaler(loss, optimizer, parameters=params)  # backward, grad norm, step
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def make_baseline_step(loss_fn, optimizer, precision, device):
+    """One training step as the original engine_pretrain / engine_finetune ran it."""
+    scaler = NativeScalerWithGradNormCount(enabled=precision == "fp16", device_type=device.type)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def step(imgs, targets):
+        with autocast(device, precision):
+            loss = loss_fn(imgs, targets)
+        loss_value = loss.item()  # host sync between forward and backward, as the original
+        if not math.isfinite(loss_value):
+            raise RuntimeError(f"Loss is {loss_value}, stopping training")
+        scaler(loss, optimizer, parameters=params)
+        optimizer.zero_grad(set_to_none=False)  # torch 1.8's default: memset every grad
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return loss_value
+    return step
+
+
+class StepTimer:
+    """Durations between consecutive mark() calls, without a host sync on CUDA (events)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def durations_s(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rss_bytes():
+    """Resident set size of this process (Linux), or None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """Peak memory of the enclosed block in MB: CUDA max_memory_allocated, or on the CPU the
+    peak resident set (sampled every 5 ms by a thread) minus the resident set at entry. Memory
+    the CPU allocator kept from an earlier mode is reused silently, so a later mode can read
+    lower than it would alone."""
+
+    def __init__(self, device, interval_s=0.005):
+        self.cuda = device.type == "cuda"
+        self.interval_s = interval_s
+        self.start = self.peak = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.start = self.peak = rss_bytes()
+            if self.start is not None:
+                self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, rss_bytes())
+
+    def mb(self):
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        return None if self.start is None else (self.peak - self.start) / 2**20
+
+
+def run_mode(args, mode, device, batches=None):
+    """Build, warm up and time one mode; returns its table row. batches: an iterator of
+    (imgs, targets) on the CPU (data-bound); None = one synthetic batch already on the device
+    (model-bound)."""
+    torch.manual_seed(args.seed)
+    gc.collect()
+    with PeakMemory(device) as memory:
+        row = time_mode(args, mode, device, batches)
+    row["memory_mb"] = memory.mb()
+    row["memory_kind"] = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_growth"
+    row["mfu"] = row["tflops"] / args.peak_tflops if device.type == "cuda" else None
+    return row
+
+
+def time_mode(args, mode, device, batches):
+    baseline = mode.endswith("baseline")
+    precision = baseline_precision(device) if baseline else args.precision
+    model = build_model(args, mode).to(device)
+    model.train()
+    optimizer = build_optimizer(model, mode, device)
+    flops_per_image = train_flops_per_image(model, mode, args.mask_ratio)
+    compiled = args.compile and not baseline
+    if compiled:
+        model = torch.compile(model)
+    loss_fn = make_loss_fn(model, mode, args)
+    step = (make_baseline_step if baseline else make_fast_step)(loss_fn, optimizer, precision, device)
+
+    if batches is None:
+        imgs = torch.randn(args.batch_size, 3, *args.input_hw, device=device)
+        targets = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+        next_batch = lambda: (imgs, targets)  # noqa: E731
+    else:
+        def next_batch():
+            imgs, targets = next(batches)
+            return imgs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step(*next_batch())
+    synchronize(device)
+    warmup_s = time.perf_counter() - t0
+
+    timer = StepTimer(device)
+    cpu0 = time.process_time()
+    timer.mark()
+    for _ in range(args.steps):
+        step(*next_batch())
+        timer.mark()
+    durations = timer.durations_s()
+    step_s = statistics.median(durations)
+    return dict(
+        mode=mode + ("+data" if batches is not None else ""),
+        model=vit_name(args.model) if mode.startswith("finetune") else args.model,
+        batch=args.batch_size, precision=precision, compile=compiled,
+        attention="explicit" if baseline else "sdpa",
+        images_per_s=args.batch_size / step_s, step_ms=step_s * 1e3,
+        train_gflops_per_image=flops_per_image / 1e9,
+        tflops=flops_per_image * args.batch_size / step_s / 1e12,
+        warmup_s=warmup_s, steps=args.steps, warmup=args.warmup,
+        step_ms_each=[d * 1e3 for d in durations],
+        # CPU seconds of all this process's threads per step: on a shared CPU, wall time
+        # grows with other processes' load, this much less
+        process_cpu_ms_per_step=(time.process_time() - cpu0) * 1e3 / args.steps,
+    )
+
+
+def baseline_precision(device):
+    """The original trained with fp16 autocast + GradScaler on GPUs; on the CPU it is fp32."""
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+def add_speedups(rows):
+    """speedup = baseline step time / row step time, against the baseline of the same task."""
+    base = {r["mode"]: r["step_ms"] for r in rows if r["mode"].endswith("baseline")}
+    for r in rows:
+        ref = base.get("finetune_baseline" if r["mode"].startswith("finetune") else "baseline")
+        model_bound = not r["mode"].endswith("+data")
+        r["speedup_vs_baseline"] = ref / r["step_ms"] if ref and model_bound else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Data pipeline
+# ---------------------------------------------------------------------------------------------
+
+def image_paths(folder):
+    exts = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+    return sorted(os.path.join(root, f) for root, _, files in os.walk(folder)
+                  for f in files if f.lower().endswith(exts))
+
+
+class FlatImages(torch.utils.data.Dataset):
+    """All images under a folder (recursively), label 0; indexed like ImageFolderDataset by
+    (index, sample_seed) pairs from SeededSampler."""
+
+    def __init__(self, folder, transform):
+        self.paths = image_paths(folder)
+        if not self.paths:
+            raise FileNotFoundError(f"no images under {folder}")
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, item):
+        index, seed = item
+        with seeded_rngs(seed):
+            return load_and_transform(self.paths[index], self.transform), 0
+
+
+def build_loader(args, device):
+    """DataLoader over --data_path (ImageFolder root with train/, or a flat folder) with the
+    pretraining transform and per-sample seeding, set up as main_pretrain does."""
+    transform = build_pretrain_transform(args)
+    if os.path.isdir(os.path.join(args.data_path, "train")):
+        dataset = build_dataset(True, args, transform)
+    else:
+        dataset = FlatImages(args.data_path, transform)
+    if len(dataset) < args.batch_size:
+        raise SystemExit(f"{args.data_path} has {len(dataset)} images, fewer than one batch")
+    sampler = SeededSampler(torch.utils.data.RandomSampler(dataset), seed=args.seed)
+    workers = args.num_workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None)
+
+
+def endless(loader):
+    while True:
+        yield from loader
+
+
+def time_loader(batches, args):
+    """Images/s of the DataLoader alone (no training), after --warmup batches."""
+    for _ in range(args.warmup):
+        next(batches)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        next(batches)
+    return args.steps * args.batch_size / (time.perf_counter() - t0)
+
+
+def measure_data(args, device):
+    """Transform on one core, DataLoader alone, and the fast step fed by the DataLoader."""
+    result = dict(data_path=args.data_path, num_workers=args.num_workers)
+    ips = benchmark_transform(args.data_path, build_pretrain_transform(args), n=args.n)
+    result["transform_images_per_s_per_core"] = ips
+    batches = endless(build_loader(args, device))
+    loader_ips = time_loader(batches, args)
+    result["loader_images_per_s"] = loader_ips
+    result["loader_images_per_s_per_worker"] = loader_ips / max(args.num_workers, 1)
+    row = run_mode(args, "fast", device, batches=batches)
+    return result, row
+
+
+def make_jpegs(folder, n, size, quality=90, seed=0):
+    """Write n synthetic photo-like JPEGs (smooth colour noise + gradients + grain, w x h) as an
+    ImageFolder root: folder/train/synthetic/img_00000.jpg, ..."""
+    w, h = size
+    out = os.path.join(folder, "train", "synthetic")
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for i in range(n):
+        coarse = rng.uniform(0, 255, (rng.integers(3, 12), rng.integers(3, 12), 3)).astype(np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.float32)
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = (np.cos(angle) * xx / w + np.sin(angle) * yy / h)[..., None] * rng.uniform(-80, 80, 3)
+        grain = rng.normal(0, 6, (h, w, 3))
+        pixels = np.clip(smooth + ramp + grain, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(os.path.join(out, f"img_{i:05d}.jpg"), quality=quality)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+def _fmt(value, spec, suffix=""):
+    return "n/a" if value is None else format(value, spec) + suffix
+
+
+def format_table(rows):
+    header = ["mode", "model", "batch", "prec", "compile", "img/s", "step ms", "mem MB",
+              "TFLOP/s", "MFU", "speedup"]
+    lines = [[r["mode"], r["model"], str(r["batch"]), r["precision"], "yes" if r["compile"] else "no",
+              _fmt(r["images_per_s"], ".1f"), _fmt(r["step_ms"], ".1f"), _fmt(r["memory_mb"], ".0f"),
+              _fmt(r["tflops"], ".3f"), _fmt(r["mfu"], ".1%"), _fmt(r["speedup_vs_baseline"], ".2f", "x")]
+             for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *lines)]
+    out = ["  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [header] + lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)"
+
+
+def notes_for(args, device):
+    notes = []
+    if device.type == "cuda":
+        notes.append(f"MFU against --peak_tflops {args.peak_tflops} TFLOP/s "
+                     "(989 = H100 SXM bf16 dense)")
+    else:
+        notes.append("CPU: baseline runs in fp32 (the original's fp16 autocast + GradScaler is "
+                     "CUDA-only; CPU fp16 autocast is not what anyone ran); no MFU; memory is "
+                     "the peak resident set during the mode minus the resident set before it")
+    notes.append("FLOPs: matrix products only, 2 per MAC, training = 3x forward")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def get_args_parser():
+    p = argparse.ArgumentParser("MAE training-speed benchmark", add_help=True)
+    p.add_argument("--model", default="mae_vit_base_patch16", help="a models_mae factory name")
+    p.add_argument("--batch_size", default=16, type=int)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="precision of the fast modes (auto: bf16 on GPUs, fp32 on the CPU)")
+    p.add_argument("--steps", default=10, type=int, help="timed steps per mode")
+    p.add_argument("--warmup", default=3, type=int, help="untimed steps per mode")
+    p.add_argument("--modes", default="fast,baseline,all_tokens",
+                   help=f"comma-separated, from {','.join(ALL_MODES)}; 'all' for every mode")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (fast modes)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--input_size", default=224, type=int)
+    p.add_argument("--patch_size", default=None, type=int, help="override the model's patch size")
+    p.add_argument("--model_kwargs", default={}, type=json.loads,
+                   help='JSON overrides for the model factory, e.g. \'{"depth": 2}\'')
+    p.add_argument("--mask_ratio", default=0.75, type=float)
+    p.add_argument("--num_classes", default=1000, type=int, help="finetune head size")
+    p.add_argument("--drop_path", default=0.1, type=float, help="finetune drop path rate")
+    p.add_argument("--peak_tflops", default=989.0, type=float,
+                   help="device peak for MFU (989 = H100 SXM bf16 dense)")
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--data_path", default=None,
+                   help="folder of images (ImageFolder root with train/, or flat) for the data-bound rows")
+    p.add_argument("--num_workers", default=8, type=int)
+    p.add_argument("--fast_decode", action="store_true",
+                   help="pretraining transform with JPEG draft decoding (see util.datasets.PretrainTransform)")
+    p.add_argument("--n", default=256, type=int,
+                   help="images timed by the transform benchmark / written by --make_jpegs")
+    p.add_argument("--make_jpegs", default=None, metavar="DIR",
+                   help="write --n synthetic JPEGs of --size into DIR/train/synthetic and exit")
+    p.add_argument("--size", default="500x375", help="WxH of --make_jpegs images")
+    p.add_argument("--json", default=None, help="write the results here")
+    return p
+
+
+def parse_modes(text):
+    modes = list(ALL_MODES) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in ALL_MODES]
+    if unknown:
+        raise SystemExit(f"unknown mode(s) {unknown}; choose from {', '.join(ALL_MODES)}")
+    return modes
+
+
+def main(args):
+    if args.make_jpegs:
+        w, h = (int(v) for v in args.size.lower().split("x"))
+        out = make_jpegs(args.make_jpegs, args.n, (w, h))
+        print(f"wrote {args.n} {w}x{h} JPEGs to {out}")
+        return None
+    device = torch.device(args.device)
+    args.precision = resolve_precision(args.precision, device)
+    args.input_hw = (args.input_size, args.input_size)
+    torch.backends.cudnn.benchmark = True
+    modes = parse_modes(args.modes)
+
+    rows = []
+    for mode in modes:
+        print(f"running {mode} ...", flush=True)
+        rows.append(run_mode(args, mode, device))
+    data = None
+    if args.data_path:
+        print("running data pipeline ...", flush=True)
+        data, row = measure_data(args, device)
+        rows.append(row)
+    add_speedups(rows)
+
+    report = dict(rows=rows, data=data, device=device_name(device), torch=torch.__version__,
+                  timm=timm.__version__, python=platform.python_version(),
+                  command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+                  peak_tflops=args.peak_tflops, notes=notes_for(args, device))
+    print_report(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def print_report(report):
+    rows = report["rows"]
+    print(f"\n{report['device']} | torch {report['torch']} | timm {report['timm']}")
+    print(format_table(rows))
+    by_mode = {r["mode"]: r for r in rows}
+    if "fast" in by_mode and "all_tokens" in by_mode:
+        saving = by_mode["all_tokens"]["step_ms"] / by_mode["fast"]["step_ms"]
+        print(f"MAE saving (all_tokens step / fast step): {saving:.2f}x (paper: 2.8x-4.1x)")
+    if report["data"]:
+        d = report["data"]
+        print(f"data: transform {d['transform_images_per_s_per_core']:.1f} images/s per core; "
+              f"DataLoader {d['loader_images_per_s']:.1f} images/s with {d['num_workers']} workers "
+              f"({d['loader_images_per_s_per_worker']:.1f} per worker)")
+    for note in report["notes"]:
+        print(f"note: {note}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

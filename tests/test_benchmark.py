@@ -1,0 +1,266 @@
+"""Tests for benchmark.py: the CLI end to end on a tiny model, the analytic FLOPs, the
+baseline's explicit attention and the all-tokens (encoder w/ mask tokens) variant."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+import benchmark
+import models_mae
+import models_vit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# img 32, patch 8 -> L = 16 patches of p*p*C = 192 values; mask 0.75 -> K = 4 visible
+TINY = dict(img_size=32, patch_size=8, embed_dim=8, depth=1, num_heads=2,
+            decoder_embed_dim=4, decoder_depth=1, decoder_num_heads=2)
+
+
+def tiny_mae(**overrides):
+    torch.manual_seed(0)
+    return models_mae.MaskedAutoencoderViT(**{**TINY, **overrides})
+
+
+def tiny_args(**overrides):
+    args = dict(model="mae_vit_tiny_patch16", input_size=32, patch_size=8,
+                model_kwargs=dict(embed_dim=8, depth=2, num_heads=2, decoder_embed_dim=4,
+                                  decoder_depth=1, decoder_num_heads=2),
+                num_classes=10, drop_path=0.0, mask_ratio=0.75)
+    args.update(overrides)
+    return argparse.Namespace(**args)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+# ---------------------------------------------------------------------------------------------
+
+def test_flops_formula_by_hand():
+    # block on T=5 tokens, D=8: 2*5*(3*64 + 64 + 8*64) + 2*2*25*8 = 7680 + 800
+    assert benchmark.block_flops(5, 8) == 8480
+    # T=17, D=4: 2*17*(12*16) + 4*289*4 = 6528 + 4624
+    assert benchmark.block_flops(17, 4) == 11152
+    # MAE, L=16, ppC=192, D=8, depth 1, Dd=4, decoder depth 1, K=4:
+    # patch 2*16*192*8 = 49152, encoder block(5, 8) = 8480, decoder_embed 2*5*8*4 = 320,
+    # decoder block(17, 4) = 11152, decoder_pred 2*16*4*192 = 24576
+    assert benchmark.mae_forward_flops(16, 192, 8, 1, 4, 1) == 93680
+    # all tokens: encoder block(17, 8) = 2*17*768 + 4*289*8 = 35360, decoder_embed 2*17*8*4 = 1088
+    assert benchmark.mae_forward_flops(16, 192, 8, 1, 4, 1, all_tokens=True) == 121328
+    # ViT: patch 49152 + block(17, 8) 35360 + head 2*8*10
+    assert benchmark.vit_forward_flops(16, 192, 8, 1, 10) == 84672
+
+
+def test_train_flops_read_off_the_models():
+    mae = tiny_mae()
+    assert benchmark.train_flops_per_image(mae, "fast", 0.75) == 3 * 93680
+    assert benchmark.train_flops_per_image(mae, "baseline", 0.75) == 3 * 93680
+    assert benchmark.train_flops_per_image(benchmark.AllTokensMAE(mae), "all_tokens", 0.75) == 3 * 121328
+    vit = models_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=8, depth=1, num_heads=2,
+                                       num_classes=10, global_pool=True)
+    assert benchmark.train_flops_per_image(vit, "finetune", 0.75) == 3 * 84672
+
+
+def test_flops_formula_matches_torch_flop_counter():
+    """torch's counter on the real forward (explicit attention, so q k^T and attn v are matmuls
+    it sees) = the formula + decoder_pred on the cls row, which the formula leaves out."""
+    mae = tiny_mae(depth=2, decoder_depth=2)
+    benchmark.use_explicit_attention(mae)
+    n = 3
+    with FlopCounterMode(display=False) as counter:
+        mae(torch.randn(n, 3, 32, 32))
+    formula = benchmark.mae_forward_flops(16, 192, 8, 2, 4, 2)
+    assert counter.get_total_flops() == n * (formula + 2 * 4 * 192)
+
+    wrapper = benchmark.AllTokensMAE(mae)
+    with FlopCounterMode(display=False) as counter:
+        wrapper(torch.randn(n, 3, 32, 32))
+    formula = benchmark.mae_forward_flops(16, 192, 8, 2, 4, 2, all_tokens=True)
+    assert counter.get_total_flops() == n * (formula + 2 * 4 * 192)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline: explicit attention, original optimizer
+# ---------------------------------------------------------------------------------------------
+
+def test_explicit_attention_is_softmax_qkT_v():
+    torch.manual_seed(0)
+    attn = tiny_mae().blocks[0].attn
+    x = torch.randn(2, 5, 8)
+    B, T, D = x.shape
+    h, d = attn.num_heads, D // attn.num_heads
+    qkv = (x @ attn.qkv.weight.T + attn.qkv.bias).reshape(B, T, 3, h, d).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # (B, h, T, d)
+    weights = torch.softmax(q @ k.transpose(-2, -1) * d ** -0.5, dim=-1)
+    by_hand = attn.proj((weights @ v).transpose(1, 2).reshape(B, T, D))
+
+    fused = attn(x)
+    assert benchmark.use_explicit_attention(attn) == 1
+    explicit = attn(x)
+    torch.testing.assert_close(explicit, by_hand, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused, by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_baseline_model_never_calls_sdpa(monkeypatch):
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*a, **kw):
+        calls.append(1)
+        return sdpa(*a, **kw)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+
+    args = tiny_args()
+    imgs = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 16)
+    torch.manual_seed(0)
+    fast = benchmark.build_model(args, "fast")
+    torch.manual_seed(0)
+    baseline = benchmark.build_model(args, "baseline")
+    attns = [m for m in baseline.modules() if hasattr(m, "fused_attn")]
+    assert len(attns) == 2 + 1  # encoder + decoder blocks
+    assert all(m.fused_attn is False for m in attns)
+    assert all(m.fused_attn for m in fast.modules() if hasattr(m, "fused_attn"))
+
+    loss_fast, pred_fast, _ = fast(imgs, noise=noise)
+    assert len(calls) == 3
+    loss_base, pred_base, _ = baseline(imgs, noise=noise)
+    assert len(calls) == 3  # no new SDPA call: the baseline computed attention explicitly
+    torch.testing.assert_close(pred_base, pred_fast, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss_base, loss_fast, rtol=1e-4, atol=1e-6)
+
+    vit = benchmark.build_model(args, "finetune_baseline")
+    assert isinstance(vit, models_vit.VisionTransformer)
+    assert all(m.fused_attn is False for m in vit.modules() if hasattr(m, "fused_attn"))
+
+
+def test_optimizers_fast_vs_original():
+    args = tiny_args()
+    cpu = torch.device("cpu")
+    mae = benchmark.build_model(args, "fast")
+    fast = benchmark.build_optimizer(mae, "fast", cpu)
+    base = benchmark.build_optimizer(mae, "baseline", cpu)
+    assert fast.defaults["foreach"] is True and fast.defaults["betas"] == (0.9, 0.95)
+    assert base.defaults["foreach"] is False and not base.defaults["fused"]
+    # weight decay groups: 1-D params none, the frozen sin-cos pos embeds not trained at all
+    trained = {id(p): g["weight_decay"] for g in fast.param_groups for p in g["params"]}
+    assert id(mae.pos_embed) not in trained and id(mae.decoder_pos_embed) not in trained
+    assert trained[id(mae.blocks[0].norm1.weight)] == 0.0
+    assert trained[id(mae.blocks[0].attn.qkv.weight)] == 0.05
+    assert trained[id(mae.cls_token)] == 0.05  # 3-D: decayed, as the original
+
+    vit = benchmark.build_model(args, "finetune")
+    groups = benchmark.build_optimizer(vit, "finetune", cpu).param_groups
+    assert {g["lr_scale"] for g in groups} == {0.75 ** k for k in range(4)}  # 2 blocks -> 3 layers + head
+
+
+# ---------------------------------------------------------------------------------------------
+# All tokens (encoder w/ mask tokens)
+# ---------------------------------------------------------------------------------------------
+
+def test_all_tokens_encoder_sees_every_patch():
+    mae = tiny_mae()
+    wrapper = benchmark.AllTokensMAE(mae)
+    seen = []
+    mae.blocks[0].register_forward_hook(lambda m, inp, out: seen.append(("enc", inp[0].shape)))
+    mae.decoder_blocks[0].register_forward_hook(lambda m, inp, out: seen.append(("dec", inp[0].shape)))
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+
+    _, _, mask_mae = mae(imgs, noise=noise)
+    assert seen == [("enc", (2, 1 + 4, 8)), ("dec", (2, 1 + 16, 4))]
+    seen.clear()
+    loss, pred, mask = wrapper(imgs, noise=noise)
+    assert seen == [("enc", (2, 1 + 16, 8)), ("dec", (2, 1 + 16, 4))]
+    assert torch.equal(mask, mask_mae)  # the same patches are removed
+    assert pred.shape == (2, 16, 192) and torch.isfinite(loss)
+
+    loss.backward()
+    assert wrapper.mask_token.grad is not None and wrapper.mask_token.grad.abs().sum() > 0
+    # MAE's loss on the removed patches of the same mask
+    torch.testing.assert_close(loss, mae.forward_loss(imgs, pred, mask))
+
+
+def test_all_tokens_replaces_removed_patches_by_the_mask_token():
+    """Removed patches enter the encoder as the mask token: their pixels do not matter."""
+    mae = tiny_mae()
+    wrapper = benchmark.AllTokensMAE(mae)
+    imgs, noise = torch.randn(1, 3, 32, 32), torch.rand(1, 16)
+    _, pred, mask = wrapper(imgs, noise=noise)
+    removed = (mask[0] == 1).nonzero()[0, 0].item()
+    row, col = divmod(removed, 4)
+    other = imgs.clone()
+    other[0, :, row * 8:(row + 1) * 8, col * 8:(col + 1) * 8] += 5.0
+    _, pred_other, _ = wrapper(other, noise=noise)
+    torch.testing.assert_close(pred_other, pred)
+    visible = (mask[0] == 0).nonzero()[0, 0].item()
+    row, col = divmod(visible, 4)
+    other = imgs.clone()
+    other[0, :, row * 8:(row + 1) * 8, col * 8:(col + 1) * 8] += 5.0
+    assert not torch.allclose(wrapper(other, noise=noise)[1], pred)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers and the CLI
+# ---------------------------------------------------------------------------------------------
+
+def test_vit_name_maps_every_mae_factory():
+    assert benchmark.vit_name("mae_vit_base_patch16_dec512d8b") == "vit_base_patch16"
+    assert benchmark.vit_name("mae_vit_huge_patch14") == "vit_huge_patch14"
+    for name in dir(models_mae):
+        if name.startswith("mae_vit"):
+            assert benchmark.vit_name(name) in models_vit.__dict__, name
+    with pytest.raises(SystemExit):
+        benchmark.parse_modes("fast,turbo")
+    assert benchmark.parse_modes("all") == list(benchmark.ALL_MODES)
+
+
+def test_make_jpegs(tmp_path):
+    out = benchmark.make_jpegs(str(tmp_path), 3, (50, 30))
+    files = sorted(os.listdir(out))
+    assert files == ["img_00000.jpg", "img_00001.jpg", "img_00002.jpg"]
+    arrays = []
+    for f in files:
+        with Image.open(os.path.join(out, f)) as img:
+            assert img.format == "JPEG" and img.size == (50, 30) and img.mode == "RGB"
+            arrays.append(torch.from_numpy(np.asarray(img, dtype=np.float32)))
+    assert all(a.std() > 5 for a in arrays)  # not flat
+    assert not torch.equal(arrays[0], arrays[1])
+
+
+def test_cli_smoke_all_modes_and_data(tmp_path):
+    benchmark.make_jpegs(str(tmp_path / "jpegs"), 8, (64, 48))
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "benchmark.py", "--device", "cpu", "--model", "mae_vit_tiny_patch16",
+           "--input_size", "32", "--patch_size", "8",
+           "--model_kwargs", json.dumps(dict(depth=2, decoder_depth=1)),
+           "--batch_size", "4", "--steps", "2", "--warmup", "1", "--modes", "all",
+           "--data_path", str(tmp_path / "jpegs"), "--num_workers", "1", "--n", "8",
+           "--num_classes", "10", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MAE saving" in proc.stdout and "speedup" in proc.stdout
+
+    report = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in report["rows"]}
+    assert list(rows) == ["fast", "baseline", "all_tokens", "finetune", "finetune_baseline", "fast+data"]
+    for r in rows.values():
+        assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["tflops"] > 0
+        assert r["batch"] == 4 and r["mfu"] is None  # no MFU on the CPU
+        assert r["memory_kind"] == "cpu_peak_rss_growth" and r["memory_mb"] >= 0
+    assert rows["fast"]["memory_mb"] > 0  # the first model, its optimizer state and activations
+    assert rows["baseline"]["precision"] == "fp32" and rows["baseline"]["attention"] == "explicit"
+    assert rows["fast"]["attention"] == "sdpa" and rows["fast"]["precision"] == "fp32"
+    assert rows["baseline"]["speedup_vs_baseline"] == 1.0
+    assert rows["finetune_baseline"]["speedup_vs_baseline"] == 1.0
+    assert rows["all_tokens"]["train_gflops_per_image"] > rows["fast"]["train_gflops_per_image"]
+    assert rows["finetune"]["model"] == "vit_tiny_patch16"
+    data = report["data"]
+    assert data["transform_images_per_s_per_core"] > 0 and data["loader_images_per_s_per_worker"] > 0
+    assert report["torch"] == torch.__version__ and "benchmark.py" in report["command"]
+    assert report["device"]
