@@ -307,12 +307,6 @@ def test_sigkill_mid_save_mid_epoch_then_resume_is_bit_exact(reference, data, tm
         assert_same_training_state(out / name, uninterrupted / name)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: killed after the last iteration's checkpoint-last.pth (step == iterations per epoch) "
-    "and before the end-of-epoch saves, the rerun resumes into an empty remainder of the epoch "
-    "and crashes in engine_pretrain.train_one_epoch's print('Averaged stats:', metric_logger): "
-    "SmoothedValue.global_avg divides by a zero count (ZeroDivisionError); every rerun picks "
-    "the same checkpoint, so the run can never continue"))
 def test_sigkill_mid_save_of_the_epoch_checkpoint_then_resume(reference, data, tmp_path, cli):
     """SIGKILL inside the save of checkpoint-0.pth (the end of epoch 0); the rerun must finish
     with the uninterrupted run's weights."""
@@ -351,11 +345,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(reference, data, tm
     assert temp_files(out) == []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: with --save_every_iters the mid-epoch checkpoint-last.pth is written right after the "
-    "optimizer step whose new weights give the non-finite loss (engine_pretrain checks only the "
-    "losses computed so far before misc.save_model(tag='last')), and auto-resume then prefers it: "
-    "every rerun, even with a sane lr, replays the NaN at the same iteration"))
 def test_non_finite_loss_with_save_every_iters_leaves_a_resumable_checkpoint(reference, data, tmp_path, cli):
     _, one_epoch = reference
     out = tmp_path / "run"

@@ -19,8 +19,8 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image
-from timm.data import create_transform
+from PIL import Image, ImageOps
+from timm.data import auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
@@ -147,6 +147,21 @@ def build_eval_transform(input_size):
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     ])
+
+
+def _posterize(img, bits_to_keep, **__):
+    """timm's RandAugment posterize, keeping 0 bits as the Pillow of the original release did
+    (a black image). Pillow >= 11 refuses bits=0, which 'rand-m9-mstd0.5-inc1' draws whenever
+    the jittered magnitude reaches 10, so a finetuning run crashed at random."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)  # every value & ~255 == 0
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    auto_augment.NAME_TO_OP[_name] = _posterize
 
 
 def build_transform(is_train, args):

@@ -244,7 +244,9 @@ class MetricLogger:
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
 
     def __str__(self):
-        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+        # meters that saw no value yet (e.g. an epoch resumed after its last iteration) are skipped
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items()
+                                   if meter.count)
 
     def synchronize_between_processes(self):
         for meter in self.meters.values():
@@ -827,6 +829,21 @@ def write_log(args, log_stats, log_writer=None):
         f.write(json.dumps(log_stats) + "\n")
 
 
+def _set_aside_diverged_checkpoint(args, error):
+    """A checkpoint-last.pth saved at the very iteration whose loss was non-finite holds the
+    diverged weights: rename it so that auto-resume falls back to the last good checkpoint."""
+    path = os.path.join(getattr(args, "output_dir", "") or "", "checkpoint-last.pth")
+    if not os.path.isfile(path):
+        return
+    try:
+        ckpt = load_checkpoint(path, mmap=True)
+    except Exception:  # unreadable: leave it, auto-resume skips it with a warning
+        return
+    if (ckpt.get("epoch"), ckpt.get("step")) == (error.epoch, error.iteration):
+        os.replace(path, path + ".nonfinite")
+        sys.stderr.write(f"{path} was saved after the last finite loss; moved to {path}.nonfinite\n")
+
+
 def run(main_fn, args):
     """Run a script's main_fn(args): a NonFiniteLossError ends it with one clear line on stderr
     (rank 0) and exit status 1; the process group is destroyed at the end either way."""
@@ -835,6 +852,7 @@ def run(main_fn, args):
     except NonFiniteLossError as e:
         if is_main_process():
             sys.stderr.write(f"ERROR: {e}\n")
+            _set_aside_diverged_checkpoint(args, e)
         sys.exit(1)
     finally:
         if is_dist_avail_and_initialized():
