@@ -36,6 +36,9 @@ def get_args_parser():
     parser.add_argument("--norm_pix_loss", action="store_true",
                         help="use (per-patch) normalized pixels as targets for computing the loss")
     parser.add_argument("--patch_size", default=None, type=int, help="override the model's patch size")
+    parser.add_argument("--fast_decode", action="store_true",
+                        help="decode JPEGs at 1/2, 1/4 or 1/8 scale when the random crop allows it: the "
+                             "same crop boxes and flips, slightly different pixels (see util.datasets)")
     parser.add_argument("--vis_freq", default=20, type=int,
                         help="write reconstructions every N epochs (and after the last); 0 = off")
     parser.add_argument("--vis_images", default=8, type=int, help="number of images in the reconstructions")

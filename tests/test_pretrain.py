@@ -221,6 +221,14 @@ def test_build_model_uses_input_and_patch_size_and_names_valid_models():
         main_pretrain.build_model(parser.parse_args(["--model", "vit_base_patch16"]))
 
 
+def test_fast_decode_flag_reaches_the_pretrain_transform():
+    from util.datasets import build_pretrain_transform
+    parser = main_pretrain.get_args_parser()
+    assert not build_pretrain_transform(parser.parse_args(["--input_size", "32"])).fast_decode
+    transform = build_pretrain_transform(parser.parse_args(["--input_size", "32", "--fast_decode"]))
+    assert transform.fast_decode and transform.size == (32, 32)
+
+
 # ---------------------------------------------------------------------------------------------
 # engine_pretrain.train_one_epoch
 # ---------------------------------------------------------------------------------------------
