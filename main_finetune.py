@@ -74,6 +74,7 @@ def get_args_parser():
     parser.add_argument("--dist_eval", action="store_true", default=False,
                         help="distributed evaluation (faster; a few images may count twice)")
     # the original main_finetune.py's defaults (per GPU)
+    parser.set_defaults(stage="finetune")  # saved in checkpoints: auto-resume takes only its own
     parser.set_defaults(model="vit_large_patch16", batch_size=64, epochs=50, warmup_epochs=5, blr=1e-3,
                         weight_decay=0.05, min_lr=1e-6, global_pool=True)
     return parser

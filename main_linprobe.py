@@ -41,6 +41,7 @@ def get_args_parser():
     parser.add_argument("--dist_eval", action="store_true", default=False,
                         help="distributed evaluation (faster; a few images may count twice)")
     # the original main_linprobe.py's defaults (per GPU)
+    parser.set_defaults(stage="linprobe")  # saved in checkpoints: auto-resume takes only its own
     parser.set_defaults(model="vit_large_patch16", batch_size=512, epochs=90, warmup_epochs=10, blr=0.1,
                         weight_decay=0.0, min_lr=0.0, global_pool=False)
     return parser

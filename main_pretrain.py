@@ -43,6 +43,7 @@ def get_args_parser():
                         help="write reconstructions every N epochs (and after the last); 0 = off")
     parser.add_argument("--vis_images", default=8, type=int, help="number of images in the reconstructions")
     # the original main_pretrain.py's defaults (per GPU)
+    parser.set_defaults(stage="pretrain")  # saved in checkpoints: auto-resume takes only its own
     parser.set_defaults(model="mae_vit_large_patch16", batch_size=64, epochs=400, warmup_epochs=40,
                         blr=1e-3, min_lr=0.0, weight_decay=0.05, norm_pix_loss=False)
     return parser

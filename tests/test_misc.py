@@ -514,6 +514,30 @@ def test_find_latest_checkpoint(tmp_path, capsys):
     assert misc.auto_resume(args) == ""
 
 
+def test_auto_resume_skips_checkpoints_of_another_script_or_model(tmp_path, capsys):
+    """All three scripts default to ./output_dir: a finetuning run must not 'resume' from the
+    pretraining checkpoints there, nor a linear probe from a finetuning run's."""
+    def ckpt(name, epoch, **saved):
+        misc.atomic_save({"model": {}, "epoch": epoch, "args": argparse.Namespace(**saved)}, tmp_path / name)
+    ckpt("checkpoint-399.pth", 399, stage="pretrain", model="mae_vit_base_patch16")
+    ckpt("checkpoint-last.pth", 400, step=3, stage="finetune", model="vit_large_patch16")
+    ckpt("checkpoint-7.pth", 7, stage="finetune", model="vit_base_patch16")
+    ckpt("checkpoint-90.pth", 90, stage="linprobe", model="vit_base_patch16")
+    finetune = argparse.Namespace(auto_resume=True, resume="", output_dir=str(tmp_path), stage="finetune",
+                                  model="vit_base_patch16")
+    assert misc.auto_resume(finetune) == str(tmp_path / "checkpoint-7.pth")
+    out = capsys.readouterr().out
+    assert "checkpoint-399.pth" in out and "'pretrain' run, not 'finetune'" in out
+    assert "checkpoint-last.pth" in out and "'vit_large_patch16' run, not 'vit_base_patch16'" in out
+    linprobe = argparse.Namespace(**{**vars(finetune), "stage": "linprobe", "resume": ""})
+    assert misc.auto_resume(linprobe) == str(tmp_path / "checkpoint-90.pth")
+    pretrain = argparse.Namespace(**{**vars(finetune), "stage": "pretrain", "model": "mae_vit_large_patch16",
+                                     "resume": ""})
+    assert misc.auto_resume(pretrain) == ""  # nothing of its own: starts from scratch
+    ckpt("checkpoint-1.pth", 1)  # the original release's checkpoints carry no stage: accepted
+    assert misc.auto_resume(pretrain) == str(tmp_path / "checkpoint-1.pth")
+
+
 def test_check_output_dir(tmp_path):
     target = tmp_path / "a" / "b"
     misc.check_output_dir(str(target))
@@ -563,6 +587,35 @@ def test_slurm_master_addr_without_scontrol(monkeypatch):
     for nodelist, host in [("gpu[03-05,9]", "gpu03"), ("node7,node8", "node7"), ("a-b[1,2]", "a-b1")]:
         monkeypatch.setenv("SLURM_NODELIST", nodelist)
         assert misc._slurm_master_addr() == host
+
+
+def test_launcher_env_from_torchrun_slurm_and_openmpi(monkeypatch):
+    for var in LAUNCHER_VARS + ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    args = argparse.Namespace(local_rank=-1, dist_on_itp=False)
+    assert misc._launcher_env(args) is None
+    monkeypatch.setattr(misc.shutil, "which", lambda name: None)
+    monkeypatch.setenv("SLURM_NODELIST", "gpu[12-13]")
+    for var, value in (("SLURM_PROCID", "11"), ("SLURM_NTASKS", "16"), ("SLURM_LOCALID", "3")):
+        monkeypatch.setenv(var, value)
+    assert misc._launcher_env(args) == (11, 16, 3)
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("gpu12", "29500")
+    for var, value in (("RANK", "5"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(var, value)
+    assert misc._launcher_env(args) == (5, 8, 1)  # torchrun's variables win over SLURM's
+    for var, value in (("OMPI_COMM_WORLD_RANK", "6"), ("OMPI_COMM_WORLD_SIZE", "32"),
+                       ("OMPI_COMM_WORLD_LOCAL_RANK", "2")):
+        monkeypatch.setenv(var, value)
+    assert misc._launcher_env(argparse.Namespace(local_rank=-1, dist_on_itp=True)) == (6, 32, 2)
+
+
+def test_auto_precision_on_gpus_with_and_without_native_bf16(monkeypatch):
+    native = {"flag": True}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native["flag"] or including_emulation)
+    assert misc.resolve_precision("auto", "cuda") == "bf16"  # Ampere and newer
+    native["flag"] = False  # V100 / T4: bf16 only emulated
+    assert misc.resolve_precision("auto", "cuda") == "fp16"
 
 
 def test_setup_for_distributed_silences_non_master(capsys):

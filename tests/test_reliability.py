@@ -643,19 +643,12 @@ def test_hung_rank_makes_the_other_fail_on_the_collective_timeout(data, tmp_path
 @needs_proc
 def test_torchrun_restart_resumes_from_the_latest_checkpoint(data, tmp_path):
     """`--max-restarts=1`: SIGKILL rank 1 mid-epoch; the restarted group auto-resumes from the
-    latest checkpoint and finishes.
-
-    Run with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (KNOWN BUG without it): torchrun then keeps
-    one rendezvous store for all restart rounds, and util.misc.init_distributed_mode's
-    init_process_group('env://') reads the previous round's gloo addresses from it, so the
-    restart fails ('Gloo connectFullMesh failed ... Connection refused'), hangs in gloo's
-    connect beyond --dist_timeout, or works, depending on which new worker starts first and on
-    port order: too random for a strict xfail test. Once init_distributed_mode prefixes the
-    store with the restart count (TORCHELASTIC_RESTART_COUNT), drop the variable here."""
+    latest checkpoint and finishes. torchrun's agent keeps one store for all restart rounds; the
+    workers prefix their keys with the round (util.misc._elastic_agent_store), else the restarted
+    group can read the dead round's gloo addresses and fail or hang."""
     out = tmp_path / "run"
-    env = dict(ENV, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     proc = start(torchrun(1, *flags(DIST, data, out, "--epochs", 2, "--dist_timeout", 0.5)), tmp_path / "log",
-                 env=env)
+                 env=ENV)
     try:
         wait_for(lambda: (out / "checkpoint-last.pth").exists() and worker(proc.pid, 1) is not None,
                  proc, "training to start")

@@ -66,6 +66,8 @@ def add_common_args(parser):
     parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
     parser.add_argument("--local_rank", "--local-rank", default=-1, type=int, dest="local_rank")
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    parser.add_argument("--dist_on_itp", action="store_true",
+                        help="take rank and world size from OpenMPI's OMPI_COMM_WORLD_* variables")
     parser.add_argument("--dist_timeout", default=30, type=float,
                         help="minutes a collective may wait for a peer before the run fails")
     return parser

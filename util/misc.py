@@ -95,7 +95,11 @@ def _slurm_master_addr():
 
 
 def _launcher_env(args):
-    """(rank, world_size, local_rank) from torchrun or SLURM, or None for a plain process."""
+    """(rank, world_size, local_rank) from torchrun, OpenMPI (--dist_on_itp) or SLURM, or None
+    for a plain process."""
+    if getattr(args, "dist_on_itp", False):  # OpenMPI (the original's ITP clusters)
+        rank, world_size = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
+        return rank, world_size, int(os.environ["OMPI_COMM_WORLD_LOCAL_RANK"])
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         local_rank = int(os.environ.get("LOCAL_RANK", max(getattr(args, "local_rank", -1), 0)))
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank
@@ -105,6 +109,20 @@ def _launcher_env(args):
         local_rank = int(os.environ.get("SLURM_LOCALID", 0))
         return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), local_rank
     return None
+
+
+def _elastic_agent_store(args, timeout):
+    """Under torchrun, whose agent serves one TCP store for all restart rounds, a client of that
+    store with keys prefixed by the round (TORCHELASTIC_RESTART_COUNT); None elsewhere.
+
+    Without the prefix, init_process_group('env://') of a restarted group can read the gloo / NCCL
+    addresses that the previous round's (dead) workers left in the store, and fail or hang.
+    """
+    if args.dist_url != "env://" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), args.world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"/mae/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def init_distributed_mode(args):
@@ -135,9 +153,10 @@ def init_distributed_mode(args):
         torch.cuda.set_device(args.gpu)
     print(f"| distributed init (rank {args.rank}/{args.world_size}, backend {args.dist_backend}): "
           f"{args.dist_url}, gpu {args.gpu}", flush=True)
-    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank,
-                            timeout=datetime.timedelta(minutes=getattr(args, "dist_timeout", 30)))
+    timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout", 30))
+    store = _elastic_agent_store(args, timeout)
+    dist.init_process_group(backend=args.dist_backend, init_method=None if store else args.dist_url,
+                            store=store, world_size=args.world_size, rank=args.rank, timeout=timeout)
     if use_cuda:
         dist.barrier(device_ids=[args.gpu])
     else:
@@ -306,7 +325,8 @@ def resolve_precision(precision, device):
         raise ValueError(f"unknown precision {precision!r}; use auto, fp32, fp16 or bf16")
     if precision == "auto":
         if device_type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # native bf16 (Ampere and newer); emulated bf16 on older GPUs is slower than fp16
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         return "fp32"
     if precision == "fp16" and device_type == "cpu":
         print("WARNING: fp16 autocast is not supported on the CPU here; using fp32")
@@ -635,8 +655,21 @@ def _progress(checkpoint):
     return checkpoint["epoch"], math.inf if step is None else step
 
 
-def find_latest_checkpoint(output_dir, unsafe=False):
-    """Path of the checkpoint-<int>.pth / checkpoint-last.pth with the most progress, or None."""
+def _other_run(checkpoint, run):
+    """Why a checkpoint is not one of run's (a different --model or script), or None.
+    run: the current args; a checkpoint without a saved stage/model (the original's) matches."""
+    saved = vars(checkpoint.get("args") or argparse.Namespace())
+    for key in ("stage", "model"):
+        mine, theirs = getattr(run, key, None), saved.get(key)
+        if mine is not None and theirs is not None and mine != theirs:
+            return f"it was written by a {theirs!r} run, not {mine!r} ({key})"
+    return None
+
+
+def find_latest_checkpoint(output_dir, unsafe=False, run=None):
+    """Path of the checkpoint-<int>.pth / checkpoint-last.pth with the most progress, or None.
+    With run (the current args), checkpoints of another script or model are skipped with a
+    warning (e.g. pretraining checkpoints in the folder a finetuning run writes to)."""
     if not os.path.isdir(output_dir):
         return None
     best, best_progress = None, None
@@ -647,9 +680,14 @@ def find_latest_checkpoint(output_dir, unsafe=False):
         if not _CKPT_NAME.fullmatch(name):
             continue
         try:
-            progress = _progress(load_checkpoint(path, unsafe=unsafe, mmap=True))
+            checkpoint = load_checkpoint(path, unsafe=unsafe, mmap=True)
+            progress = _progress(checkpoint)
         except Exception as e:  # corrupt / truncated / foreign file: never fatal here
             print(f"WARNING: skipping unreadable checkpoint '{path}': {type(e).__name__}: {e}")
+            continue
+        other = run is not None and _other_run(checkpoint, run)
+        if other:
+            print(f"WARNING: auto-resume skips '{path}': {other}")
             continue
         if best_progress is None or progress > best_progress:
             best, best_progress = path, progress
@@ -666,7 +704,8 @@ def auto_resume(args):
         return args.resume
     choice = [None]
     if is_main_process():
-        choice[0] = find_latest_checkpoint(args.output_dir, unsafe=getattr(args, "unsafe_load", False))
+        choice[0] = find_latest_checkpoint(args.output_dir, unsafe=getattr(args, "unsafe_load", False),
+                                           run=args)
     if is_dist_avail_and_initialized():
         dist.broadcast_object_list(choice, src=0)
     if choice[0]:
