@@ -107,6 +107,12 @@ def build_mixup(args):
                  label_smoothing=args.smoothing, num_classes=args.nb_classes)
 
 
+def init_from_pretrained(model, args):
+    """--finetune: the encoder of a pretraining checkpoint, then head.weight ~ trunc_normal(std 2e-5)."""
+    load_pretrained_encoder(model, args.finetune, args)
+    trunc_normal_(model.head.weight, std=2e-5)  # manually initialize fc layer
+
+
 def main(args):
     device = misc.init_run(args)
 
@@ -123,8 +129,7 @@ def main(args):
 
     model = build_model(args, drop_path_rate=args.drop_path)
     if args.finetune and not args.eval:
-        load_pretrained_encoder(model, args.finetune, args)
-        trunc_normal_(model.head.weight, std=2e-5)  # manually initialize fc layer
+        init_from_pretrained(model, args)
     model.to(device)
     model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)

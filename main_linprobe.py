@@ -66,6 +66,12 @@ def add_linear_probe_head(model):
     return model
 
 
+def init_from_pretrained(model, args):
+    """--finetune: the encoder of a pretraining checkpoint, then head.weight ~ trunc_normal(std 0.01)."""
+    load_pretrained_encoder(model, args.finetune, args)
+    trunc_normal_(model.head.weight, std=0.01)  # manually initialize fc layer: following MoCo v3
+
+
 def main(args):
     device = misc.init_run(args)
 
@@ -81,8 +87,7 @@ def main(args):
 
     model = build_model(args)
     if args.finetune and not args.eval:
-        load_pretrained_encoder(model, args.finetune, args)
-        trunc_normal_(model.head.weight, std=0.01)  # manually initialize fc layer: following MoCo v3
+        init_from_pretrained(model, args)
     add_linear_probe_head(model)  # BatchNorm (no affine) + the Linear; freeze all but the head
     model.to(device)
     model_without_ddp = model

@@ -298,6 +298,40 @@ def test_lr_follows_schedule_with_layer_decay_and_clipping():
     assert seen[1][-1] == pytest.approx(1e-3 / 4)  # the head: lr x 1 at a quarter of the warmup
 
 
+@pytest.mark.parametrize("script,std", [("main_finetune", 2e-5), ("main_linprobe", 0.01)])
+def test_head_init_after_loading_the_pretrained_encoder(script, std, tmp_path):
+    module = __import__(script)
+    torch.manual_seed(0)
+    mae = tiny_mae()
+    path = save_pretrain_checkpoint(tmp_path, mae)
+    model = tiny_vit(num_classes=1000, global_pool=script == "main_finetune")
+    args = module.get_args_parser().parse_args(["--finetune", path])
+    module.init_from_pretrained(model, args)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, mae.blocks[0].attn.qkv.weight)
+    w = model.head.weight  # (1000, 32): trunc_normal(0, std) cut at +-2 (absolute), far beyond std
+    assert abs(w.std().item() / std - 1) < 0.05 and abs(w.mean().item()) < std / 10
+
+
+def test_script_defaults_are_the_originals():
+    ft = finetune_parser().parse_args([])
+    assert (ft.model, ft.batch_size, ft.epochs, ft.warmup_epochs, ft.blr, ft.weight_decay, ft.min_lr) == (
+        "vit_large_patch16", 64, 50, 5, 1e-3, 0.05, 1e-6)
+    assert (ft.layer_decay, ft.drop_path, ft.smoothing, ft.reprob, ft.remode, ft.recount) == (
+        0.75, 0.1, 0.1, 0.25, "pixel", 1)
+    assert (ft.mixup, ft.cutmix, ft.mixup_prob, ft.mixup_switch_prob, ft.mixup_mode, ft.clip_grad) == (
+        0, 0, 1.0, 0.5, "batch", None)
+    assert (ft.aa, ft.global_pool, ft.nb_classes, ft.input_size, ft.stage) == (
+        "rand-m9-mstd0.5-inc1", True, 1000, 224, "finetune")
+    import main_linprobe
+    lp = main_linprobe.get_args_parser().parse_args([])
+    assert (lp.model, lp.batch_size, lp.epochs, lp.warmup_epochs, lp.blr, lp.weight_decay, lp.min_lr) == (
+        "vit_large_patch16", 512, 90, 10, 0.1, 0.0, 0.0)
+    assert (lp.global_pool, lp.nb_classes, lp.stage) == (False, 1000, "linprobe")
+    import main_pretrain
+    pre = main_pretrain.get_args_parser().parse_args([])
+    assert (pre.save_freq, pre.log_freq, pre.vis_freq, pre.patch_size, pre.stage) == (20, 20, 20, None, "pretrain")
+
+
 def test_criterion_choice():
     parse = finetune_parser().parse_args
     args = parse(["--mixup", "0.8", "--cutmix", "1.0", "--nb_classes", "4"])

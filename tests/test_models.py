@@ -38,6 +38,30 @@ def test_random_masking_keeps_exact_count_and_restores_order(ratio):
     assert torch.equal(torch.gather(ids_shuffle, 1, ids_restore), torch.arange(L).expand(N, L))
 
 
+def test_decoder_unshuffles_tokens_back_to_their_patches():
+    """forward_decoder puts the encoded token of patch i back at position 1 + i (cls first) and
+    a mask token at every removed patch, before the decoder's position embedding."""
+    torch.manual_seed(0)
+    model = tiny_mae()
+    N, L, Dd = 2, 16, 16
+    imgs = torch.randn(N, 3, 32, 32)
+    latent, mask, ids_restore = model.forward_encoder(imgs, 0.75)  # (N, 1+4, D)
+    seen = {}
+    model.decoder_blocks[0].register_forward_pre_hook(lambda mod, inp: seen.setdefault("x", inp[0]))
+    model.forward_decoder(latent, ids_restore)
+    x = seen["x"] - model.decoder_pos_embed  # (N, 1+L, Dd): the tokens before the pos embed
+    embedded = model.decoder_embed(latent)  # (N, 1+K, Dd)
+    ids_shuffle = torch.argsort(ids_restore, dim=1)
+    for n in range(N):
+        assert torch.allclose(x[n, 0], embedded[n, 0], atol=1e-6)  # cls stays first
+        for k in range(latent.shape[1] - 1):  # k-th kept token came from patch ids_shuffle[n, k]
+            patch = ids_shuffle[n, k]
+            assert mask[n, patch] == 0
+            assert torch.allclose(x[n, 1 + patch], embedded[n, 1 + k], atol=1e-6)
+        for patch in torch.nonzero(mask[n]).flatten():
+            assert torch.allclose(x[n, 1 + patch], model.mask_token[0, 0], atol=1e-6)
+
+
 def test_noise_fixes_the_mask_and_small_noise_is_kept():
     model = tiny_mae()
     x = torch.randn(2, 16, 4)
@@ -215,6 +239,30 @@ def test_vit_encoder_parameter_counts(name, millions):
         model = getattr(models_vit, name)(num_classes=1000, global_pool=True)
     n = sum(p.numel() for p in model.parameters()) / 1e6
     assert abs(n - millions) / millions < 0.01, n
+
+
+@pytest.mark.parametrize("name,dim,depth", [("vit_tiny_patch16", 192, 12), ("vit_small_patch16", 384, 12),
+                                            ("vit_base_patch16", 768, 12), ("vit_large_patch16", 1024, 24),
+                                            ("vit_huge_patch14", 1280, 32)])
+def test_vit_factory_keys_and_shapes(name, dim, depth):
+    """The names and shapes of the original's mae_finetuned_vit_*.pth (global pool)."""
+    with torch.device("meta"):
+        model = getattr(models_vit, name)(num_classes=1000, global_pool=True)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    p = 14 if name.endswith("14") else 16
+    L = (224 // p) ** 2
+    expected = {"cls_token": (1, 1, dim), "pos_embed": (1, L + 1, dim),
+                "patch_embed.proj.weight": (dim, 3, p, p), "patch_embed.proj.bias": (dim,),
+                "fc_norm.weight": (dim,), "fc_norm.bias": (dim,), "head.weight": (1000, dim), "head.bias": (1000,)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        expected.update({b + "norm1.weight": (dim,), b + "norm1.bias": (dim,),
+                         b + "attn.qkv.weight": (3 * dim, dim), b + "attn.qkv.bias": (3 * dim,),
+                         b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,),
+                         b + "norm2.weight": (dim,), b + "norm2.bias": (dim,),
+                         b + "mlp.fc1.weight": (4 * dim, dim), b + "mlp.fc1.bias": (4 * dim,),
+                         b + "mlp.fc2.weight": (dim, 4 * dim), b + "mlp.fc2.bias": (dim,)})
+    assert shapes == expected
 
 
 @pytest.mark.parametrize("global_pool", [True, False])

@@ -67,6 +67,13 @@ def test_interpolation_14_to_24_keeps_cls_row(capsys):
     assert torch.allclose(new[:, 1:, :5], torch.full_like(new[:, 1:, :5], 0.25), atol=1e-6)
     assert "14x14 to 24x24" in capsys.readouterr().out
     model.load_state_dict(checkpoint_model, strict=False)
+    # and it is bicubic with align_corners=False on the (D, 14, 14) grid, as the original
+    grid = ckpt_pos[:, 1:].reshape(1, 14, 14, 192).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(24, 24), mode="bicubic", align_corners=False)
+    assert torch.allclose(new[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 576, 192), atol=1e-5)
+    for mode, corners in (("bilinear", False), ("bicubic", True)):
+        other = torch.nn.functional.interpolate(grid, size=(24, 24), mode=mode, align_corners=corners)
+        assert not torch.allclose(new[:, 1:], other.permute(0, 2, 3, 1).reshape(1, 576, 192), atol=1e-3)
 
 
 def test_interpolation_is_a_noop_for_equal_sizes(capsys):

@@ -221,6 +221,27 @@ def test_build_model_uses_input_and_patch_size_and_names_valid_models():
         main_pretrain.build_model(parser.parse_args(["--model", "vit_base_patch16"]))
 
 
+def test_pretrain_optimizer_groups_as_the_original():
+    """AdamW(betas=(0.9, 0.95)); weight decay on every >= 2-D parameter (cls_token and mask_token
+    included), none on biases and norms; the fixed sin-cos pos embeds are not optimised."""
+    model = tiny_mae()
+    args = main_pretrain.get_args_parser().parse_args(["--lr", "1e-3"])
+    optimizer = main_pretrain.build_optimizer(model, args, "cpu")
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {wd: {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == wd for p in g["params"]}
+             for wd in (0.0, 0.05)}
+    assert {"cls_token", "mask_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight",
+            "decoder_embed.weight", "decoder_pred.weight"} <= decay[0.05]
+    assert {"patch_embed.proj.bias", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "norm.bias",
+            "decoder_norm.weight"} <= decay[0.0]
+    assert all(model.get_parameter(n).ndim > 1 for n in decay[0.05])
+    assert all(model.get_parameter(n).ndim <= 1 for n in decay[0.0])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decay[0.0] | decay[0.05] == trainable and not decay[0.0] & decay[0.05]
+    assert "pos_embed" not in trainable and "decoder_pos_embed" not in trainable
+
+
 def test_fast_decode_flag_reaches_the_pretrain_transform():
     from util.datasets import build_pretrain_transform
     parser = main_pretrain.get_args_parser()
