@@ -271,6 +271,33 @@ def test_non_finite_loss_stops_with_epoch_and_iteration():
                         args=small_train_args(epochs=5, log_freq=10))
 
 
+def test_finetune_accum_iter_2_equals_double_batch():
+    """engine_finetune with --accum_iter 2 on halves = one step on the whole batch (fp32, SGD:
+    an update linear in the gradient; no dropout / drop path, so the halves see the same net)."""
+    (imgs, targets), = random_batches(1, batch_size=8)
+    results = []
+    for accum_iter, batches in ((1, [(imgs, targets)]), (2, [(imgs[:4], targets[:4]), (imgs[4:], targets[4:])])):
+        torch.manual_seed(0)
+        model = tiny_vit(depth=2)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+        train_one_epoch(model, nn.CrossEntropyLoss(), batches * 2, optimizer, torch.device("cpu"), 0, scaler,
+                        max_norm=1.0, args=small_train_args(accum_iter=accum_iter, lr=0.1, log_freq=10))
+        results.append(model.state_dict())
+    for k, w in results[0].items():
+        torch.testing.assert_close(results[1][k], w, rtol=1e-5, atol=1e-6, msg=k)
+    assert sum(not torch.equal(w, initial[k]) for k, w in results[0].items()) > 10  # it trained
+
+
+def test_evaluate_runs_without_autograd():
+    model = tiny_vit(depth=1)
+    seen = []
+    model.head.register_forward_hook(lambda mod, inp, out: seen.append(torch.is_grad_enabled() or out.requires_grad))
+    evaluate(random_batches(2), model, torch.device("cpu"))
+    assert seen == [False, False]
+
+
 def test_lr_follows_schedule_with_layer_decay_and_clipping():
     from util.lr_decay import param_groups_lrd
     from util.lr_sched import adjust_learning_rate
