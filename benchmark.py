@@ -3,8 +3,8 @@
 Each mode is one row of the table, measured in the same process on the same machine:
 
   fast               how main_pretrain.py trains: autocast in --precision (bf16 on GPUs), fused
-                     scaled-dot-product attention (timm's default), AdamW fused on CUDA / foreach
-                     on CPU, no host-device sync inside the step, optional --compile.
+                     scaled-dot-product attention (timm's default), fused AdamW (CUDA and CPU),
+                     no host-device sync inside the step, optional --compile.
   baseline           the original release (facebookresearch/mae on timm 0.3.2): fp16 autocast +
                      GradScaler on CUDA (fp32 on the CPU), attention computed explicitly as
                      softmax(q k^T * scale) v, loss.item() after the forward and
@@ -54,7 +54,7 @@ import models_vit
 from util.datasets import (SeededSampler, benchmark_transform, build_dataset, build_pretrain_transform,
                            load_and_transform, seeded_rngs)
 from util.lr_decay import param_groups_lrd
-from util.misc import NativeScalerWithGradNormCount, autocast, resolve_precision
+from util.misc import NativeScalerWithGradNormCount, autocast, fast_adamw_kwargs, resolve_precision
 
 ALL_MODES = ("fast", "baseline", "all_tokens", "finetune", "finetune_baseline")
 
@@ -235,12 +235,7 @@ def build_optimizer(model, mode, device):
     else:
         groups = timm.optim.param_groups_weight_decay(model, 0.05)
         betas = (0.9, 0.95)
-    if mode.endswith("baseline"):
-        impl = dict(foreach=False, fused=False)
-    elif device.type == "cuda":
-        impl = dict(fused=True)
-    else:
-        impl = dict(foreach=True)
+    impl = dict(foreach=False, fused=False) if mode.endswith("baseline") else fast_adamw_kwargs(device)
     return torch.optim.AdamW(groups, lr=1e-4, betas=betas, **impl)
 
 

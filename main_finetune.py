@@ -143,8 +143,7 @@ def main(args):
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
                                         no_weight_decay_list=model_without_ddp.no_weight_decay(),
                                         layer_decay=args.layer_decay)
-    fast = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, **fast)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, **misc.fast_adamw_kwargs(device))
     loss_scaler = misc.NativeScalerWithGradNormCount(enabled=args.precision == "fp16", device_type=device.type)
     criterion = build_criterion(args, mixup_fn)
     print("criterion = %s" % str(criterion))

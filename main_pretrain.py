@@ -59,8 +59,7 @@ def build_model(args):
 def build_optimizer(model_without_ddp, args, device):
     """AdamW(betas=(0.9, 0.95)), weight decay on all but 1-D params and biases (as the original)."""
     param_groups = timm.optim.param_groups_weight_decay(model_without_ddp, args.weight_decay)
-    fast = dict(fused=True) if torch.device(device).type == "cuda" else dict(foreach=True)
-    return torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), **fast)
+    return torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), **misc.fast_adamw_kwargs(device))
 
 
 def load_vis_images(dataset, args):

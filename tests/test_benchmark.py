@@ -145,7 +145,7 @@ def test_optimizers_fast_vs_original():
     mae = benchmark.build_model(args, "fast")
     fast = benchmark.build_optimizer(mae, "fast", cpu)
     base = benchmark.build_optimizer(mae, "baseline", cpu)
-    assert fast.defaults["foreach"] is True and fast.defaults["betas"] == (0.9, 0.95)
+    assert fast.defaults["fused"] is True and fast.defaults["betas"] == (0.9, 0.95)
     assert base.defaults["foreach"] is False and not base.defaults["fused"]
     # weight decay groups: 1-D params none, the frozen sin-cos pos embeds not trained at all
     trained = {id(p): g["weight_decay"] for g in fast.param_groups for p in g["params"]}

