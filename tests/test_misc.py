@@ -431,6 +431,21 @@ def fresh(seed, output_dir, resume=""):
     return model, opt, scaler, args
 
 
+def test_save_model_refuses_non_finite_weights(tmp_path):
+    model = nn.Linear(3, 2)
+    args = argparse.Namespace(output_dir=str(tmp_path))
+    misc.save_model(args, 0, model, None, None)
+    good = (tmp_path / "checkpoint-0.pth").read_bytes()
+    with torch.no_grad():
+        model.weight[1, 2] = float("nan")
+    with pytest.raises(misc.NonFiniteLossError, match=r"non-finite values after epoch 0, iteration 5"):
+        misc.save_model(args, 0, model, None, None, tag="last", step=5)
+    with pytest.raises(misc.NonFiniteWeightsError, match=r"after epoch 0, iteration end"):
+        misc.save_model(args, 0, model, None, None)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-0.pth"]  # nothing new, no temp file
+    assert (tmp_path / "checkpoint-0.pth").read_bytes() == good  # the good checkpoint is untouched
+
+
 def test_save_load_round_trip(tmp_path):
     model, opt, scaler, args = fresh(0, tmp_path)
     train(model, opt, scaler, args, epochs=2)

@@ -415,6 +415,28 @@ class NonFiniteLossError(RuntimeError):
         return type(self), (self.loss, self.epoch, self.iteration)
 
 
+class NonFiniteWeightsError(NonFiniteLossError):
+    """Raised by save_model instead of writing weights that hold a NaN or an infinity (an update
+    that diverged after the last finite loss, e.g. at the last iteration of an epoch)."""
+
+    def __init__(self, epoch, iteration):
+        self.loss, self.epoch, self.iteration = "finite", epoch, iteration
+        RuntimeError.__init__(self, f"The weights hold non-finite values after epoch {epoch}, iteration "
+                              f"{iteration}; not saving them, stopping training. Try --precision bf16 or "
+                              "fp32, a lower --blr, or --clip_grad, and resume from the last checkpoint.")
+
+    def __reduce__(self):
+        return type(self), (self.epoch, self.iteration)
+
+
+def check_finite_weights(model, epoch, iteration):
+    """Raise NonFiniteWeightsError when a parameter of model holds a NaN or an infinity (one
+    device-to-host sync)."""
+    params = [p.detach() for p in model.parameters()]
+    if params and not torch.stack([torch.isfinite(p).all() for p in params]).all().item():
+        raise NonFiniteWeightsError(epoch, iteration)
+
+
 # ---------------------------------------------------------------------------------------------
 # Random number generators
 # ---------------------------------------------------------------------------------------------
@@ -523,8 +545,10 @@ def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra=Non
 
     Every rank must call it: the RNG states of all ranks are gathered into 'rng' (list by rank).
     step: iterations completed inside `epoch` (None = the epoch is complete).
-    Returns the path on rank 0, None on the other ranks.
+    Returns the path on rank 0, None on the other ranks. Raises NonFiniteWeightsError, writing
+    nothing, when the weights hold a NaN or an infinity.
     """
+    check_finite_weights(model_without_ddp, epoch, "end" if step is None else step)
     rng = [get_rng_state()]
     if is_dist_avail_and_initialized():
         rng = [None] * get_world_size()
