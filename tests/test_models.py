@@ -305,3 +305,14 @@ def test_mae_state_dict_round_trips_strictly():
     x = torch.randn(1, 3, 32, 32)
     noise = torch.rand(1, 4)
     assert torch.equal(a(x, noise=noise)[0], b(x, noise=noise)[0])
+
+
+def test_forward_compiles_as_one_graph_without_breaks():
+    """--compile: the MAE forward (masking, unshuffle, loss) and the classifier trace into a
+    single graph each, so torch.compile optimises the whole step."""
+    mae = tiny_mae(norm_pix_loss=True)
+    explained = torch._dynamo.explain(mae)(torch.randn(2, 3, 32, 32), 0.75)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    vit = models_vit.vit_tiny_patch16(img_size=32, depth=2, num_classes=5, global_pool=True)
+    explained = torch._dynamo.explain(vit)(torch.randn(2, 3, 32, 32))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
