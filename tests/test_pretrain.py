@@ -132,6 +132,19 @@ def test_one_epoch_writes_checkpoint_log_tensorboard_and_reconstructions(first_r
         assert im.size == (4 * 32, 4 * 32)  # 4 columns x --vis_images rows of 32 px
 
 
+def test_reconstructions_every_vis_freq_epochs_and_after_the_last(data_path, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = str(tmp_path)
+    run([sys.executable, "main_pretrain.py", *SCRIPT_ARGS, "--epochs", "4", "--vis_freq", "2",
+         "--data_path", data_path, "--output_dir", out, "--log_dir", out])
+    assert sorted(os.listdir(os.path.join(out, "reconstructions"))) == [
+        "epoch_0000.png", "epoch_0002.png", "epoch_0003.png"]
+    events = EventAccumulator(out, size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("reconstructions")] == [0, 2, 3]
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-0.pth", "checkpoint-3.pth"]
+
+
 def test_resume_restores_everything_and_continues(first_run, data_path, tmp_path):
     first_out, _ = first_run
     checkpoint_path = os.path.join(first_out, "checkpoint-0.pth")
