@@ -216,7 +216,10 @@ def test_torchrun_two_processes_see_disjoint_shards(data_path, tmp_path):
     assert sorted(seen[0] + seen[1]) == list(range(NUM_TRAIN))
     (stats,) = read_log(out)  # written once, by rank 0
     assert stats["epoch"] == 0 and math.isfinite(stats["train_loss"])
-    assert os.path.exists(os.path.join(out, "checkpoint-0.pth"))
+    assert len([n for n in os.listdir(out) if n.startswith("events.out.tfevents")]) == 1  # rank 0 only
+    checkpoint = misc.load_checkpoint(os.path.join(out, "checkpoint-0.pth"))
+    rank0, rank1 = checkpoint["rng"]  # the same number of draws from seed + rank: different states
+    assert not torch.equal(rank0["torch"], rank1["torch"]) and rank0["python"] != rank1["python"]
 
 
 def test_build_model_uses_input_and_patch_size_and_names_valid_models():
