@@ -183,7 +183,7 @@ def _mae(defaults, kwargs):
 
 def mae_vit_tiny_patch16_dec128d4b(**kwargs):
     """ViT-Ti/16 encoder (192 wide, 12 deep, 3 heads) with a 128-wide, 4-deep, 4-head decoder:
-    for CPUs and small datasets (the decoder keeps MAE's ~1/4-width, shallow design)."""
+    for CPUs and small datasets (a decoder narrower and shallower than the encoder, as in MAE)."""
     return _mae(dict(patch_size=16, embed_dim=192, depth=12, num_heads=3,
                      decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4), kwargs)
 
