@@ -557,6 +557,30 @@ def test_original_release_checkpoint_loads_safely(reference, data, tmp_path, cli
 # Best-accuracy tracking across --resume (finetune: tests/test_finetune.py; linear probe here)
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("script,extra", [
+    ("main_finetune.py", ["--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", "--drop_path", "0.1"]),
+    ("main_linprobe.py", ["--cls_token"])])
+def test_finetune_and_linprobe_resume_is_bit_exact(reference, data, tmp_path, script, extra):
+    """Finetuning draws from every RNG (mixup/cutmix on numpy, RandAugment and random erasing on
+    python/torch, drop path on torch), the probe from its weak augmentation: 2 epochs straight
+    equal 1 epoch, then a restart that auto-resumes for the second, bit for bit. (Epoch 0 is the
+    warmup, whose lr does not depend on --epochs, so the 1-epoch run stands for a run of 2 killed
+    after its first epoch.)"""
+    _, one_epoch = reference
+    common = [*CLASSIFY, "--finetune", one_epoch / "checkpoint-0.pth", "--data_path", data, *extra,
+              "--warmup_epochs", 1]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    procs = [start(command(script, *common, "--output_dir", out, "--log_dir", out, "--epochs", epochs),
+                   f"{out}.log") for out, epochs in ((straight, 2), (resumed, 1))]
+    for proc, out in zip(procs, (straight, resumed)):
+        assert proc.wait(timeout=150) == 0, open(f"{out}.log").read()[-3000:]
+    status, log = run_cmd(command(script, *common, "--output_dir", resumed, "--log_dir", resumed, "--epochs", 2))
+    assert status == 0, log[-3000:]
+    assert "continuing at epoch 1, iteration 0" in log
+    assert_same_training_state(resumed / "checkpoint-1.pth", straight / "checkpoint-1.pth")
+    assert open(resumed / "log.txt").read() == open(straight / "log.txt").read()
+
+
 def test_linprobe_resume_continues_best_accuracy(reference, data, tmp_path, cli):
     _, one_epoch = reference
     out = tmp_path / "lin"
