@@ -500,11 +500,9 @@ def test_randaugment_posterize_to_zero_bits_gives_black_not_an_error():
     """'rand-m9-mstd0.5-inc1' draws PosterizeIncreasing with 0 bits kept when the jittered
     magnitude hits 10; Pillow >= 11 raises there, the original's Pillow returned black."""
     from timm.data.auto_augment import AugmentOp
-    from PIL import Image as _Image
-    import numpy as _np
-    img = _Image.fromarray((_np.arange(48 * 48 * 3) % 256).astype(_np.uint8).reshape(48, 48, 3))
+    img = Image.fromarray((np.arange(48 * 48 * 3) % 256).astype(np.uint8).reshape(48, 48, 3))
     op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10, hparams={"magnitude_std": 0})
-    out = _np.asarray(op(img))
+    out = np.asarray(op(img))
     assert out.shape == (48, 48, 3) and out.max() == 0
     op4 = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5, hparams={"magnitude_std": 0})
-    assert _np.all(_np.asarray(op4(img)) % 64 == 0)  # 2 bits kept
+    assert np.all(np.asarray(op4(img)) % 64 == 0)  # 2 bits kept

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 import models_mae
 import main_finetune
+import main_linprobe
+import main_pretrain
 import models_vit
 import util.misc as misc
 from engine_finetune import evaluate, load_pretrained_encoder, set_train_mode, train_one_epoch
@@ -325,13 +327,12 @@ def test_lr_follows_schedule_with_layer_decay_and_clipping():
     assert seen[1][-1] == pytest.approx(1e-3 / 4)  # the head: lr x 1 at a quarter of the warmup
 
 
-@pytest.mark.parametrize("script,std", [("main_finetune", 2e-5), ("main_linprobe", 0.01)])
-def test_head_init_after_loading_the_pretrained_encoder(script, std, tmp_path):
-    module = __import__(script)
+@pytest.mark.parametrize("module,std", [(main_finetune, 2e-5), (main_linprobe, 0.01)])
+def test_head_init_after_loading_the_pretrained_encoder(module, std, tmp_path):
     torch.manual_seed(0)
     mae = tiny_mae()
     path = save_pretrain_checkpoint(tmp_path, mae)
-    model = tiny_vit(num_classes=1000, global_pool=script == "main_finetune")
+    model = tiny_vit(num_classes=1000, global_pool=module is main_finetune)
     args = module.get_args_parser().parse_args(["--finetune", path])
     module.init_from_pretrained(model, args)
     assert torch.equal(model.blocks[0].attn.qkv.weight, mae.blocks[0].attn.qkv.weight)
@@ -349,12 +350,10 @@ def test_script_defaults_are_the_originals():
         0, 0, 1.0, 0.5, "batch", None)
     assert (ft.aa, ft.global_pool, ft.nb_classes, ft.input_size, ft.stage) == (
         "rand-m9-mstd0.5-inc1", True, 1000, 224, "finetune")
-    import main_linprobe
     lp = main_linprobe.get_args_parser().parse_args([])
     assert (lp.model, lp.batch_size, lp.epochs, lp.warmup_epochs, lp.blr, lp.weight_decay, lp.min_lr) == (
         "vit_large_patch16", 512, 90, 10, 0.1, 0.0, 0.0)
     assert (lp.global_pool, lp.nb_classes, lp.stage) == (False, 1000, "linprobe")
-    import main_pretrain
     pre = main_pretrain.get_args_parser().parse_args([])
     assert (pre.save_freq, pre.log_freq, pre.vis_freq, pre.patch_size, pre.stage) == (20, 20, 20, None, "pretrain")
 
@@ -392,11 +391,11 @@ E2E_FLAGS = ["--device", "cpu", "--num_workers", "0", "--model", "vit_tiny_patch
              "--patch_size", "16", "--nb_classes", "2", "--batch_size", "8", "--log_freq", "1", "--save_freq", "1"]
 
 
-def run_script(script, *flags, out):
-    """python <script> ... in a subprocess (the command line as a user types it)."""
-    cmd = [sys.executable, script, *E2E_FLAGS, "--output_dir", str(out), "--log_dir", str(out), *flags]
+def run_script(script, *flags, out, base=E2E_FLAGS, timeout=300):
+    """python <script> <base flags> ... in a subprocess (the command line as a user types it)."""
+    cmd = [sys.executable, script, *base, "--output_dir", str(out), "--log_dir", str(out), *map(str, flags)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -480,10 +479,8 @@ CHAIN_FLAGS = ["--device", "cpu", "--num_workers", "0", "--input_size", "32", "-
 
 
 def run_chain_step(script, *flags, out):
-    cmd = [sys.executable, script, *CHAIN_FLAGS, "--output_dir", str(out), "--log_dir", str(out), *map(str, flags)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    """run_script with the chain's flags; returns the run's log.txt entries."""
+    run_script(script, *flags, out=out, base=CHAIN_FLAGS, timeout=600)
     return read_log(out)
 
 
