@@ -16,15 +16,20 @@ Each mode is one row of the table, measured in the same process on the same mach
                      smoothing CE on random labels) with the fast settings.
   finetune_baseline  the same classifier trained the original's way.
 
-Inputs are synthetic tensors already on the device (model-bound). With --data_path, the
-pretraining transform is also timed on one core, the DataLoader alone with --num_workers
-workers, and the fast step fed by that DataLoader (data-bound row "fast+data").
+Inputs are synthetic tensors already on the device (model-bound). With --data_path (an
+ImageFolder root: <data_path>/train/<class>/<image>, as --make_jpegs writes), the pretraining
+transform is also timed on one core (util.datasets.benchmark_transform), the DataLoader alone
+with --num_workers workers, and the fast step fed by that DataLoader (data-bound row
+"fast+data"). Dataset, transform and DataLoader are main_pretrain's: util.datasets'
+build_dataset, build_pretrain_transform and build_train_loader.
 
-Reported per row: images/s (median over the timed steps after warm-up), step ms, peak memory
-(CUDA max_memory_allocated; on the CPU the peak resident set, sampled every 5 ms, minus the
-resident set before the mode was built), achieved TFLOP/s from analytic model FLOPs (training
-= 3x forward, see mae_forward_flops), MFU against --peak_tflops (CUDA only) and the speedup over
-the baseline of the same task.
+Reported per row: images/s (median over the timed steps after warm-up), step ms, peak memory,
+achieved TFLOP/s from analytic model FLOPs (training = 3x forward, see mae_forward_flops), MFU
+against --peak_tflops (CUDA only) and the speedup over the baseline of the same task.
+Peak memory on CUDA is torch.cuda.max_memory_allocated() over the mode (the peak statistics are
+reset before it). On the CPU it is the process's max resident set so far
+(getrusage ru_maxrss): it never goes down, so a mode's figure includes every mode that ran
+before it in the same process, and DataLoader worker processes are not counted.
 
   python benchmark.py --model mae_vit_large_patch16 --batch_size 64 --modes fast,baseline,all_tokens
   python benchmark.py --make_jpegs /tmp/jpegs --n 256 --size 500x375
@@ -37,9 +42,9 @@ import math
 import os
 import platform
 import re
+import resource
 import statistics
 import sys
-import threading
 import time
 
 import numpy as np
@@ -51,10 +56,10 @@ from PIL import Image
 
 import models_mae
 import models_vit
-from util.datasets import (SeededSampler, benchmark_transform, build_dataset, build_pretrain_transform,
-                           load_and_transform, seeded_rngs)
+from util.datasets import benchmark_transform, build_dataset, build_pretrain_transform, build_train_loader
 from util.lr_decay import param_groups_lrd
 from util.misc import NativeScalerWithGradNormCount, autocast, fast_adamw_kwargs, resolve_precision
+from util.models import model_from_name
 
 ALL_MODES = ("fast", "baseline", "all_tokens", "finetune", "finetune_baseline")
 
@@ -190,24 +195,25 @@ def vit_name(mae_name):
     return re.sub(r"_dec\d+d\d+b$", "", mae_name.removeprefix("mae_"))
 
 
+def _factory_kwargs(args, kwargs):
+    """kwargs + --input_size + --patch_size (when given; it overrides --model_kwargs')."""
+    return {**kwargs, "img_size": args.input_size,
+            "patch_size": args.patch_size or kwargs.get("patch_size")}
+
+
 def build_mae(args):
-    if args.model not in models_mae.__dict__ or not args.model.startswith("mae_"):
-        names = sorted(n for n in models_mae.__dict__ if n.startswith("mae_vit"))
-        raise SystemExit(f"unknown --model {args.model}; choose from {', '.join(names)}")
-    kwargs = dict(img_size=args.input_size, **args.model_kwargs)
-    if args.patch_size:
-        kwargs["patch_size"] = args.patch_size
-    return models_mae.__dict__[args.model](**kwargs)
+    """models_mae.<--model>(img_size, [patch_size], **--model_kwargs); an unknown name raises a
+    ValueError listing the mae_vit_* choices."""
+    return model_from_name(models_mae, args.model, "mae_vit_", **_factory_kwargs(args, args.model_kwargs))
 
 
 def build_vit(args):
-    name = vit_name(args.model)
+    """The models_vit counterpart of --model (see vit_name), global pool, --num_classes,
+    --drop_path; --model_kwargs without the decoder's and the loss's keys."""
     kwargs = {k: v for k, v in args.model_kwargs.items()
               if not k.startswith("decoder") and k != "norm_pix_loss"}
-    if args.patch_size:
-        kwargs["patch_size"] = args.patch_size
-    return models_vit.__dict__[name](img_size=args.input_size, num_classes=args.num_classes,
-                                     global_pool=True, drop_path_rate=args.drop_path, **kwargs)
+    return model_from_name(models_vit, vit_name(args.model), "vit_", num_classes=args.num_classes,
+                           global_pool=True, drop_path_rate=args.drop_path, **_factory_kwargs(args, kwargs))
 
 
 def build_model(args, mode):
@@ -247,36 +253,27 @@ def make_loss_fn(model, mode, args):
     return lambda imgs, targets: model(imgs, mask_ratio=args.mask_ratio)[0]
 
 
-def make_fast_step(loss_fn, optimizer, precision, device):
-    """One training step as main_pretrain runs it: no host-device sync inside."""
+def make_step(loss_fn, optimizer, precision, device, baseline=False):
+    """One training step as main_pretrain runs it: no host-device sync inside. With baseline=True,
+    as the original engine_pretrain / engine_finetune ran it: loss.item() between forward and
+    backward (a host sync), gradients zeroed in place (torch 1.8's default: a memset of every
+    grad) and torch.cuda.synchronize() after the step."""
     scaler = NativeScalerWithGradNormCount(enabled=precision == "fp16", device_type=device.type)
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def step(imgs, targets):
         with autocast(device, precision):
             loss = loss_fn(imgs, targets)
+        if baseline:
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise RuntimeError(f"Loss is {loss_value}, stopping training")
         scaler(loss, optimizer, parameters=params)  # backward, grad norm, step
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not baseline)
+        if baseline:
+            synchronize(device)
+            return loss_value
         return loss.detach()
-    return step
-
-
-def make_baseline_step(loss_fn, optimizer, precision, device):
-    """One training step as the original engine_pretrain / engine_finetune ran it."""
-    scaler = NativeScalerWithGradNormCount(enabled=precision == "fp16", device_type=device.type)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-
-    def step(imgs, targets):
-        with autocast(device, precision):
-            loss = loss_fn(imgs, targets)
-        loss_value = loss.item()  # host sync between forward and backward, as the original
-        if not math.isfinite(loss_value):
-            raise RuntimeError(f"Loss is {loss_value}, stopping training")
-        scaler(loss, optimizer, parameters=params)
-        optimizer.zero_grad(set_to_none=False)  # torch 1.8's default: memset every grad
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return loss_value
     return step
 
 
@@ -307,52 +304,21 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def rss_bytes():
-    """Resident set size of this process (Linux), or None."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
+def reset_peak_memory(device):
+    """Start a new peak: CUDA's peak statistics are reset. The CPU's max RSS cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
-class PeakMemory:
-    """Peak memory of the enclosed block in MB: CUDA max_memory_allocated, or on the CPU the
-    peak resident set (sampled every 5 ms by a thread) minus the resident set at entry. Memory
-    the CPU allocator kept from an earlier mode is reused silently, so a later mode can read
-    lower than it would alone."""
-
-    def __init__(self, device, interval_s=0.005):
-        self.cuda = device.type == "cuda"
-        self.interval_s = interval_s
-        self.start = self.peak = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self):
-        while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, rss_bytes())
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self.start = self.peak = rss_bytes()
-            if self.start is not None:
-                self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self._thread.is_alive():
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, rss_bytes())
-
-    def mb(self):
-        if self.cuda:
-            return torch.cuda.max_memory_allocated() / 2**20
-        return None if self.start is None else (self.peak - self.start) / 2**20
+def peak_memory(device):
+    """(MB, kind): CUDA max_memory_allocated since reset_peak_memory ("cuda_max_allocated"), or
+    on the CPU this process's max resident set so far ("cpu_max_rss"; getrusage's ru_maxrss is
+    in kilobytes on Linux, bytes on macOS). The CPU figure never goes down: it includes
+    everything that ran before in this process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / (2**20 if sys.platform == "darwin" else 2**10), "cpu_max_rss"
 
 
 def run_mode(args, mode, device, batches=None):
@@ -361,10 +327,9 @@ def run_mode(args, mode, device, batches=None):
     (model-bound)."""
     torch.manual_seed(args.seed)
     gc.collect()
-    with PeakMemory(device) as memory:
-        row = time_mode(args, mode, device, batches)
-    row["memory_mb"] = memory.mb()
-    row["memory_kind"] = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_growth"
+    reset_peak_memory(device)
+    row = time_mode(args, mode, device, batches)
+    row["memory_mb"], row["memory_kind"] = peak_memory(device)
     row["mfu"] = row["tflops"] / args.peak_tflops if device.type == "cuda" else None
     return row
 
@@ -380,7 +345,7 @@ def time_mode(args, mode, device, batches):
     if compiled:
         model = torch.compile(model)
     loss_fn = make_loss_fn(model, mode, args)
-    step = (make_baseline_step if baseline else make_fast_step)(loss_fn, optimizer, precision, device)
+    step = make_step(loss_fn, optimizer, precision, device, baseline=baseline)
 
     if batches is None:
         imgs = torch.randn(args.batch_size, 3, *args.input_hw, device=device)
@@ -439,52 +404,21 @@ def add_speedups(rows):
 # Data pipeline
 # ---------------------------------------------------------------------------------------------
 
-def image_paths(folder):
-    exts = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-    return sorted(os.path.join(root, f) for root, _, files in os.walk(folder)
-                  for f in files if f.lower().endswith(exts))
+def build_data(args):
+    """main_pretrain's dataset (ImageFolder over <data_path>/train with the pretraining
+    transform) and training DataLoader: (dataset, sampler, loader)."""
+    dataset = build_dataset(True, args, build_pretrain_transform(args))
+    sampler, loader = build_train_loader(args, dataset)
+    return dataset, sampler, loader
 
 
-class FlatImages(torch.utils.data.Dataset):
-    """All images under a folder (recursively), label 0; indexed like ImageFolderDataset by
-    (index, sample_seed) pairs from SeededSampler."""
-
-    def __init__(self, folder, transform):
-        self.paths = image_paths(folder)
-        if not self.paths:
-            raise FileNotFoundError(f"no images under {folder}")
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, item):
-        index, seed = item
-        with seeded_rngs(seed):
-            return load_and_transform(self.paths[index], self.transform), 0
-
-
-def build_loader(args, device):
-    """DataLoader over --data_path (ImageFolder root with train/, or a flat folder) with the
-    pretraining transform and per-sample seeding, set up as main_pretrain does."""
-    transform = build_pretrain_transform(args)
-    if os.path.isdir(os.path.join(args.data_path, "train")):
-        dataset = build_dataset(True, args, transform)
-    else:
-        dataset = FlatImages(args.data_path, transform)
-    if len(dataset) < args.batch_size:
-        raise SystemExit(f"{args.data_path} has {len(dataset)} images, fewer than one batch")
-    sampler = SeededSampler(torch.utils.data.RandomSampler(dataset), seed=args.seed)
-    workers = args.num_workers
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None)
-
-
-def endless(loader):
+def endless(sampler, loader):
+    """Batches of loader without end, epoch after epoch (sampler.set_epoch before each)."""
+    epoch = 0
     while True:
+        sampler.set_epoch(epoch)
         yield from loader
+        epoch += 1
 
 
 def time_loader(batches, args):
@@ -499,10 +433,12 @@ def time_loader(batches, args):
 
 def measure_data(args, device):
     """Transform on one core, DataLoader alone, and the fast step fed by the DataLoader."""
-    result = dict(data_path=args.data_path, num_workers=args.num_workers)
-    ips = benchmark_transform(args.data_path, build_pretrain_transform(args), n=args.n)
+    dataset, sampler, loader = build_data(args)
+    result = dict(data_path=args.data_path, num_workers=args.num_workers, images=len(dataset),
+                  fast_decode=args.fast_decode)
+    ips = benchmark_transform(dataset.root, build_pretrain_transform(args), n=args.n)
     result["transform_images_per_s_per_core"] = ips
-    batches = endless(build_loader(args, device))
+    batches = endless(sampler, loader)
     loader_ips = time_loader(batches, args)
     result["loader_images_per_s"] = loader_ips
     result["loader_images_per_s_per_worker"] = loader_ips / max(args.num_workers, 1)
@@ -537,8 +473,15 @@ def _fmt(value, spec, suffix=""):
     return "n/a" if value is None else format(value, spec) + suffix
 
 
+MEMORY_HEADERS = {"cuda_max_allocated": "peak alloc MB", "cpu_max_rss": "max RSS so far MB"}
+
+
 def format_table(rows):
-    header = ["mode", "model", "batch", "prec", "compile", "img/s", "step ms", "mem MB",
+    """The table. The memory column is CUDA's max allocated over each mode, or on the CPU the
+    process's max RSS so far (it includes the modes above it)."""
+    kinds = {r["memory_kind"] for r in rows}
+    memory = MEMORY_HEADERS.get(kinds.pop(), "mem MB") if len(kinds) == 1 else "mem MB"
+    header = ["mode", "model", "batch", "prec", "compile", "img/s", "step ms", memory,
               "TFLOP/s", "MFU", "speedup"]
     lines = [[r["mode"], r["model"], str(r["batch"]), r["precision"], "yes" if r["compile"] else "no",
               _fmt(r["images_per_s"], ".1f"), _fmt(r["step_ms"], ".1f"), _fmt(r["memory_mb"], ".0f"),
@@ -566,10 +509,14 @@ def notes_for(args, device):
     if device.type == "cuda":
         notes.append(f"MFU against --peak_tflops {args.peak_tflops} TFLOP/s "
                      "(989 = H100 SXM bf16 dense)")
+        notes.append("memory: torch.cuda.max_memory_allocated() during each mode (peak reset "
+                     "before it)")
     else:
         notes.append("CPU: baseline runs in fp32 (the original's fp16 autocast + GradScaler is "
-                     "CUDA-only; CPU fp16 autocast is not what anyone ran); no MFU; memory is "
-                     "the peak resident set during the mode minus the resident set before it")
+                     "CUDA-only; CPU fp16 autocast is not what anyone ran); no MFU")
+        notes.append("memory: the process's max resident set so far (getrusage ru_maxrss); it "
+                     "never goes down, so each row includes the modes run before it; DataLoader "
+                     "workers are other processes and not counted")
     notes.append("FLOPs: matrix products only, 2 per MAC, training = 3x forward")
     return notes
 
@@ -601,8 +548,14 @@ def get_args_parser():
                    help="device peak for MFU (989 = H100 SXM bf16 dense)")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--data_path", default=None,
-                   help="folder of images (ImageFolder root with train/, or flat) for the data-bound rows")
+                   help="ImageFolder root (<data_path>/train/<class>/<image>) for the data-bound rows")
     p.add_argument("--num_workers", default=8, type=int)
+    p.add_argument("--pin_mem", action="store_true",
+                   help="pin DataLoader memory for the copy to the GPU (default; CUDA only)")
+    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    p.set_defaults(pin_mem=True)
+    p.add_argument("--skip_bad_images", action="store_true",
+                   help="skip images that fail to decode (with a warning) instead of stopping")
     p.add_argument("--fast_decode", action="store_true",
                    help="pretraining transform with JPEG draft decoding (see util.datasets.PretrainTransform)")
     p.add_argument("--n", default=256, type=int,
@@ -629,6 +582,7 @@ def main(args):
         print(f"wrote {args.n} {w}x{h} JPEGs to {out}")
         return None
     device = torch.device(args.device)
+    args.distributed = False  # one process: build_train_loader's RandomSampler
     args.precision = resolve_precision(args.precision, device)
     args.input_hw = (args.input_size, args.input_size)
     torch.backends.cudnn.benchmark = True

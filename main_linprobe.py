@@ -8,50 +8,34 @@ frozen and trained with LARS. ViT-B from the released pretrained encoder on 4 no
         --model vit_base_patch16 --cls_token --finetune mae_pretrain_vit_base.pth --epochs 90 \
         --blr 0.1 --weight_decay 0.0 --dist_eval --data_path /path/to/imagenet
 
-Writes to --output_dir: checkpoint-<epoch>.pth (every --save_freq epochs and the last),
-checkpoint-best.pth (when the test top-1 improves), log.txt (one JSON line per epoch with the
-train_* and test_* metrics); TensorBoard events to --log_dir.
+As finetuning, it writes checkpoint-<epoch>.pth, checkpoint-best.pth and log.txt to --output_dir
+and TensorBoard events to --log_dir.
 """
 import argparse
-import datetime
-import time
 
 import torch
 from timm.layers import trunc_normal_
 
-import models_vit
+import util.checkpoint as ckpt
 import util.misc as misc
-from engine_finetune import evaluate, load_pretrained_encoder, train_one_epoch
-from util.args import add_common_args, resolve_lr
-from util.datasets import (build_dataset, build_linprobe_transform, build_train_loader, build_val_loader,
-                           check_num_classes)
+from engine_finetune import evaluate, train_one_epoch
+from util.args import add_classifier_args, add_common_args, resolve_lr
+from util.checkpoint import load_pretrained_encoder
+from util.datasets import build_classification_loaders, build_linprobe_transform
+from util.dist import wrap_model
 from util.lars import LARS
+from util.models import build_classifier
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser("MAE linear probing for image classification", add_help=True)
     add_common_args(parser)
-    parser.add_argument("--patch_size", default=None, type=int, help="override the model's patch size")
-    parser.add_argument("--finetune", default="", help="initialise from this pretraining checkpoint")
-    parser.add_argument("--global_pool", action="store_true")
-    parser.add_argument("--cls_token", action="store_false", dest="global_pool",
-                        help="use the class token instead of global pooling for classification")
-    parser.add_argument("--nb_classes", default=1000, type=int, help="number of classification types")
-    parser.add_argument("--eval", action="store_true", help="only evaluate (the --resume checkpoint)")
-    parser.add_argument("--dist_eval", action="store_true", default=False,
-                        help="distributed evaluation (faster; a few images may count twice)")
+    add_classifier_args(parser)  # --finetune, --global_pool / --cls_token, --nb_classes, --eval, --dist_eval
     # the original main_linprobe.py's defaults (per GPU)
     parser.set_defaults(stage="linprobe")  # saved in checkpoints: auto-resume takes only its own
     parser.set_defaults(model="vit_large_patch16", batch_size=512, epochs=90, warmup_epochs=10, blr=0.1,
                         weight_decay=0.0, min_lr=0.0, global_pool=False)
     return parser
-
-
-def build_model(args):
-    """models_vit.<args.model>(num_classes, global_pool, img_size=input_size, [patch_size])."""
-    return misc.model_from_name(models_vit, args.model, "vit_", num_classes=args.nb_classes,
-                                global_pool=args.global_pool, img_size=args.input_size,
-                                patch_size=getattr(args, "patch_size", None))
 
 
 def add_linear_probe_head(model):
@@ -68,84 +52,48 @@ def add_linear_probe_head(model):
 
 def init_from_pretrained(model, args):
     """--finetune: the encoder of a pretraining checkpoint, then head.weight ~ trunc_normal(std 0.01)."""
-    load_pretrained_encoder(model, args.finetune, args)
+    load_pretrained_encoder(model, args.finetune, unsafe=args.unsafe_load)
     trunc_normal_(model.head.weight, std=0.01)  # manually initialize fc layer: following MoCo v3
 
 
 def main(args):
     device = misc.init_run(args)
 
-    # linear probe: weak augmentation (TF-style RandomResizedCrop + flip)
-    dataset_train = build_dataset(True, args, build_linprobe_transform(True, args))  # <data_path>/train
-    dataset_val = build_dataset(False, args, build_linprobe_transform(False, args))  # <data_path>/val
-    print(dataset_train)
-    print(dataset_val)
-    check_num_classes(dataset_train, args.nb_classes)
-    sampler_train, data_loader_train = build_train_loader(args, dataset_train)
-    data_loader_val = build_val_loader(args, dataset_val)
-    log_writer = misc.create_log_writer(args)
+    # <data_path>/train with weak augmentation (TF-style RandomResizedCrop + flip), <data_path>/val
+    sampler_train, data_loader_train, data_loader_val = build_classification_loaders(args, build_linprobe_transform)
+    log_writer = misc.create_log_writer(args, training=not args.eval)
 
-    model = build_model(args)
+    model = build_classifier(args)  # models_vit.<args.model>
     if args.finetune and not args.eval:
         init_from_pretrained(model, args)
     add_linear_probe_head(model)  # BatchNorm (no affine) + the Linear; freeze all but the head
     model.to(device)
     model_without_ddp = model
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print("Model = %s" % str(model_without_ddp))
-    print("number of params (M): %.2f" % (n_parameters / 1.0e6))
+    n_parameters = misc.print_model(model)
 
     resolve_lr(args)  # lr = blr * batch_size * accum_iter * world_size / 256 unless --lr
-    model = misc.wrap_model(model, args)  # DDP / torch.compile; checkpoints use model_without_ddp
+    model = wrap_model(model, args)  # DDP / torch.compile; checkpoints use model_without_ddp
 
     optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     print(optimizer)
     loss_scaler = misc.NativeScalerWithGradNormCount(enabled=args.precision == "fp16", device_type=device.type)
+    start = ckpt.resume(args, model_without_ddp, optimizer, loss_scaler, eval_only=args.eval)
+    if args.eval:
+        return evaluate(data_loader_val, model, device, args)  # prints the accuracy
+
+    max_accuracy = start.max_accuracy  # the best test top-1 before a resumed run
     criterion = torch.nn.CrossEntropyLoss()
     print("criterion = %s" % str(criterion))
 
-    resumed = misc.load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
-                              loss_scaler=loss_scaler)
-    max_accuracy = resumed.get("max_accuracy", 0.0)
+    # start_iter > 0 only for an epoch resumed mid-way; the sampler skips the samples it saw
+    for epoch, start_iter in misc.epochs_to_train(args, start, sampler_train, log_writer):
+        train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
+                                      log_writer, args, start_iter, max_accuracy, frozen_backbone=True)
 
-    if args.eval:
-        test_stats = evaluate(data_loader_val, model, device, args)
-        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
-        return test_stats
-
-    print(f"Start training for {args.epochs} epochs ({args.precision})")
-    start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        sampler_train.set_epoch(epoch)
-        if epoch == args.start_epoch and args.start_iter:
-            sampler_train.set_start(args.start_iter * args.batch_size)  # mid-epoch resume
-        train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
-                                      loss_scaler, max_norm=None, log_writer=log_writer, args=args,
-                                      frozen_backbone=True, checkpoint_extra={"max_accuracy": max_accuracy})
-        args.start_iter = 0
-
-        test_stats = evaluate(data_loader_val, model, device, args)
-        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
-        improved = test_stats["acc1"] > max_accuracy
-        max_accuracy = max(max_accuracy, test_stats["acc1"])
-        print(f"Max accuracy: {max_accuracy:.2f}%")
-        misc.save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler,
-                              extra={"max_accuracy": max_accuracy}, improved=improved)
-
-        if log_writer is not None:
-            log_writer.add_scalar("perf/test_acc1", test_stats["acc1"], epoch)
-            log_writer.add_scalar("perf/test_acc5", test_stats["acc5"], epoch)
-            log_writer.add_scalar("perf/test_loss", test_stats["loss"], epoch)
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                     **{f"test_{k}": v for k, v in test_stats.items()},
-                     "epoch": epoch, "n_parameters": n_parameters}
-        misc.write_log(args, log_stats, log_writer)
-
-    total_time = time.time() - start_time
-    print("Training time {}".format(str(datetime.timedelta(seconds=int(total_time)))))
-    if log_writer is not None:
-        log_writer.close()
-    return {"max_accuracy": max_accuracy}
+        test_stats = evaluate(data_loader_val, model, device, args)  # prints the accuracy
+        max_accuracy = ckpt.save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler,
+                                             test_acc1=test_stats["acc1"], max_accuracy=max_accuracy)
+        misc.log_epoch(args, log_writer, epoch, train_stats, test_stats, n_parameters=n_parameters)
 
 
 if __name__ == "__main__":

@@ -12,19 +12,19 @@ log.txt (one JSON line per epoch), reconstructions/epoch_<epoch>.png (every --vi
 epochs and the last); TensorBoard events to --log_dir.
 """
 import argparse
-import datetime
 import os
-import time
 
 import timm.optim
 import torch
 
-import models_mae
+import util.checkpoint as ckpt
 import util.misc as misc
 from engine_pretrain import train_one_epoch
 from util.args import add_common_args, resolve_lr
 from util.datasets import (build_dataset, build_eval_transform, build_pretrain_transform, build_train_loader,
                            load_and_transform)
+from util.dist import is_main_process, wrap_model
+from util.models import build_pretrain_model
 from util.visualize import save_reconstructions
 
 
@@ -35,7 +35,6 @@ def get_args_parser():
                         help="masking ratio (fraction of the patches removed)")
     parser.add_argument("--norm_pix_loss", action="store_true",
                         help="use (per-patch) normalized pixels as targets for computing the loss")
-    parser.add_argument("--patch_size", default=None, type=int, help="override the model's patch size")
     parser.add_argument("--fast_decode", action="store_true",
                         help="decode JPEGs at 1/2, 1/4 or 1/8 scale when the random crop allows it: the "
                              "same crop boxes and flips, slightly different pixels (see util.datasets)")
@@ -47,13 +46,6 @@ def get_args_parser():
     parser.set_defaults(model="mae_vit_large_patch16", batch_size=64, epochs=400, warmup_epochs=40,
                         blr=1e-3, min_lr=0.0, weight_decay=0.05, norm_pix_loss=False)
     return parser
-
-
-def build_model(args):
-    """models_mae.<args.model>(img_size=args.input_size, norm_pix_loss, [patch_size])."""
-    return misc.model_from_name(models_mae, args.model, "mae_vit_", img_size=args.input_size,
-                                norm_pix_loss=args.norm_pix_loss,
-                                patch_size=getattr(args, "patch_size", None))
 
 
 def build_optimizer(model_without_ddp, args, device):
@@ -76,57 +68,44 @@ def main(args):
     device = misc.init_run(args)
 
     dataset_train = build_dataset(True, args, build_pretrain_transform(args))  # <data_path>/train
-    print(dataset_train)
     # (index, sample_seed) pairs: a sample's augmentation depends only on (seed, epoch, index)
     sampler_train, data_loader_train = build_train_loader(args, dataset_train)
     log_writer = misc.create_log_writer(args)
 
     # define the model
-    model = build_model(args)
+    model = build_pretrain_model(args)  # models_mae.<args.model>
     model.to(device)
     model_without_ddp = model
-    print("Model = %s" % str(model_without_ddp))
+    misc.print_model(model)
 
     resolve_lr(args)  # lr = blr * batch_size * accum_iter * world_size / 256 unless --lr
-    model = misc.wrap_model(model, args)  # DDP / torch.compile; checkpoints use model_without_ddp
+    model = wrap_model(model, args)  # DDP / torch.compile; checkpoints use model_without_ddp
 
     optimizer = build_optimizer(model_without_ddp, args, device)
     print(optimizer)
     loss_scaler = misc.NativeScalerWithGradNormCount(enabled=args.precision == "fp16",
                                                      device_type=device.type)
-    misc.load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
-                    loss_scaler=loss_scaler)
+    start = ckpt.resume(args, model_without_ddp, optimizer, loss_scaler)  # epoch and iteration to start at
 
     vis_images = vis_noise = None
-    if misc.is_main_process() and args.output_dir and args.vis_freq > 0:
+    if is_main_process() and args.output_dir and args.vis_freq > 0:
         vis_images = load_vis_images(dataset_train, args)  # (n, 3, H, W)
         generator = torch.Generator().manual_seed(args.seed)  # same masks at every epoch
         vis_noise = torch.rand(vis_images.shape[0], model_without_ddp.patch_embed.num_patches,
                                generator=generator)  # (n, L)
 
-    print(f"Start training for {args.epochs} epochs ({args.precision})")
-    start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        sampler_train.set_epoch(epoch)
-        if epoch == args.start_epoch and args.start_iter:
-            sampler_train.set_start(args.start_iter * args.batch_size)  # mid-epoch resume
+    # start_iter > 0 only for an epoch resumed mid-way; the sampler skips the samples it saw
+    for epoch, start_iter in misc.epochs_to_train(args, start, sampler_train, log_writer):
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
-                                      log_writer=log_writer, args=args)
-        args.start_iter = 0
+                                      log_writer, args, start_iter=start_iter)
 
-        misc.save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler)
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
-        misc.write_log(args, log_stats, log_writer)
+        ckpt.save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler)
+        misc.log_epoch(args, log_writer, epoch, train_stats)
 
         if vis_images is not None and (epoch % args.vis_freq == 0 or epoch + 1 == args.epochs):
             path = os.path.join(args.output_dir, "reconstructions", f"epoch_{epoch:04d}.png")
             save_reconstructions(model_without_ddp, vis_images, path, args.mask_ratio, vis_noise,
                                  log_writer=log_writer, step=epoch)
-
-    total_time = time.time() - start_time
-    print("Training time {}".format(str(datetime.timedelta(seconds=int(total_time)))))
-    if log_writer is not None:
-        log_writer.close()
 
 
 if __name__ == "__main__":

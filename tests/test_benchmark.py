@@ -1,8 +1,10 @@
 """Tests for benchmark.py: the CLI end to end on a tiny model, the analytic FLOPs, the
-baseline's explicit attention and the all-tokens (encoder w/ mask tokens) variant."""
+baseline's explicit attention, the all-tokens (encoder w/ mask tokens) variant, the model
+lookup and data pipeline taken from util/, and the peak-memory column."""
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 
@@ -15,6 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import benchmark
 import models_mae
 import models_vit
+from util import models as util_models
+from util.datasets import ImageFolderDataset, PretrainTransform, SeededSampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -219,6 +223,121 @@ def test_vit_name_maps_every_mae_factory():
     assert benchmark.parse_modes("all") == list(benchmark.ALL_MODES)
 
 
+def test_models_come_from_util_models():
+    assert benchmark.model_from_name is util_models.model_from_name
+    args = tiny_args()
+    mae = benchmark.build_mae(args)
+    assert isinstance(mae, models_mae.MaskedAutoencoderViT)
+    assert mae.patch_embed.patch_size == (8, 8) and mae.patch_embed.num_patches == 16
+    assert len(mae.blocks) == 2 and mae.decoder_embed.out_features == 4
+
+    # no --patch_size: the factory's (16), or --model_kwargs' when it has one
+    mae = benchmark.build_mae(tiny_args(patch_size=None))
+    assert mae.patch_embed.patch_size == (16, 16) and mae.patch_embed.num_patches == 4
+    kwargs = dict(tiny_args().model_kwargs, patch_size=4)
+    mae = benchmark.build_mae(tiny_args(patch_size=None, model_kwargs=kwargs))
+    assert mae.patch_embed.patch_size == (4, 4)
+    assert benchmark.build_mae(tiny_args(model_kwargs=kwargs)).patch_embed.patch_size == (8, 8)
+
+    vit = benchmark.build_vit(tiny_args(drop_path=0.2))
+    assert isinstance(vit, models_vit.VisionTransformer)
+    assert vit.head.out_features == 10 and vit.global_pool and len(vit.blocks) == 2
+    assert vit.patch_embed.patch_size == (8, 8) and vit.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
+
+    with pytest.raises(ValueError, match="mae_vit_tiny_patch16") as error:
+        benchmark.build_mae(tiny_args(model="mae_vit_nano_patch16"))
+    assert "mae_vit_nano_patch16" in str(error.value) and "mae_vit_base_patch16" in str(error.value)
+
+
+def parsed_args(*argv):
+    """The benchmark's own parser, and what main() sets before running modes."""
+    args = benchmark.get_args_parser().parse_args(list(argv))
+    args.distributed = False
+    args.precision = "fp32"
+    args.input_hw = (args.input_size, args.input_size)
+    return args
+
+
+def test_data_pipeline_is_util_datasets(tmp_path):
+    benchmark.make_jpegs(str(tmp_path), 10, (48, 40))
+    args = parsed_args("--device", "cpu", "--data_path", str(tmp_path), "--input_size", "32",
+                       "--batch_size", "4", "--num_workers", "0")
+    assert args.pin_mem is True and args.skip_bad_images is False and args.fast_decode is False
+    dataset, sampler, loader = benchmark.build_data(args)
+    assert isinstance(dataset, ImageFolderDataset) and dataset.root == str(tmp_path / "train")
+    assert len(dataset) == 10 and dataset.classes == ["synthetic"]
+    assert isinstance(dataset.transform, PretrainTransform) and not dataset.transform.fast_decode
+    assert dataset.transform.size == (32, 32)
+    assert isinstance(sampler, SeededSampler) and isinstance(sampler.sampler, torch.utils.data.RandomSampler)
+    assert len(loader) == 2 and loader.drop_last and not loader.pin_memory  # pinned only for CUDA
+
+    batches = benchmark.endless(sampler, loader)
+    first = [next(batches) for _ in range(2)]
+    assert sampler.epoch == 0
+    assert [tuple(x.shape) for x, _ in first] == [(4, 3, 32, 32)] * 2
+    assert all(torch.equal(y, torch.zeros(4, dtype=torch.long)) for _, y in first)
+    next(batches)
+    assert sampler.epoch == 1  # a new epoch, a new order and new augmentations
+
+    # the same images and augmentations as the DataLoader main_pretrain builds (seed, epoch 0)
+    _, sampler2, loader2 = benchmark.build_data(args)
+    sampler2.set_epoch(0)
+    for (x, _), (x2, _) in zip(first, loader2):
+        assert torch.equal(x, x2)
+
+    fast = parsed_args("--data_path", str(tmp_path), "--batch_size", "4", "--num_workers", "0",
+                       "--fast_decode", "--no_pin_mem")
+    assert benchmark.build_data(fast)[0].transform.fast_decode and fast.pin_mem is False
+
+
+def test_data_pipeline_errors(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (40, 40)).save(flat / "a.jpg")
+    with pytest.raises(FileNotFoundError, match="train"):  # an ImageFolder root is required
+        benchmark.build_data(parsed_args("--data_path", str(flat)))
+    benchmark.make_jpegs(str(tmp_path / "few"), 3, (40, 40))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        benchmark.build_data(parsed_args("--data_path", str(tmp_path / "few"), "--batch_size", "4",
+                                         "--num_workers", "0"))
+
+
+def test_memory_column_filled_on_cpu(capsys):
+    """On the CPU a mode's memory is the process's max RSS so far, in MB: a positive number,
+    between getrusage's figure before the mode and after it, and printed in the table."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    args = parsed_args("--device", "cpu", "--model", "mae_vit_tiny_patch16", "--input_size", "32",
+                       "--patch_size", "8", "--model_kwargs", json.dumps(dict(depth=1, decoder_depth=1)),
+                       "--batch_size", "2", "--steps", "1", "--warmup", "1", "--modes", "fast")
+    report = benchmark.main(args)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (row,) = report["rows"]
+    assert row["memory_kind"] == "cpu_max_rss"
+    assert isinstance(row["memory_mb"], float) and row["memory_mb"] > 0
+    assert before <= row["memory_mb"] <= after
+    out = capsys.readouterr().out
+    assert "max RSS so far MB" in out and f"{row['memory_mb']:.0f}" in out.split("fast", 1)[1]
+    assert any("max resident set so far" in note for note in report["notes"])
+
+    table = benchmark.format_table([dict(row, memory_mb=None)])
+    assert "n/a" in table  # what an unfilled column would print
+
+
+def test_memory_on_cuda_is_max_memory_allocated(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)
+    cuda = torch.device("cuda")
+    benchmark.reset_peak_memory(cuda)
+    assert calls == ["reset"]
+    assert benchmark.peak_memory(cuda) == (3.0, "cuda_max_allocated")
+    benchmark.reset_peak_memory(torch.device("cpu"))
+    assert calls == ["reset"]  # nothing to reset on the CPU
+    mb, kind = benchmark.peak_memory(torch.device("cpu"))
+    assert kind == "cpu_max_rss"
+    assert mb == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def test_make_jpegs(tmp_path):
     out = benchmark.make_jpegs(str(tmp_path), 3, (50, 30))
     files = sorted(os.listdir(out))
@@ -239,7 +358,7 @@ def test_cli_smoke_all_modes_and_data(tmp_path):
            "--input_size", "32", "--patch_size", "8",
            "--model_kwargs", json.dumps(dict(depth=2, decoder_depth=1)),
            "--batch_size", "4", "--steps", "2", "--warmup", "1", "--modes", "all",
-           "--data_path", str(tmp_path / "jpegs"), "--num_workers", "1", "--n", "8",
+           "--data_path", str(tmp_path / "jpegs"), "--num_workers", "1", "--n", "8", "--fast_decode",
            "--num_classes", "10", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -252,8 +371,11 @@ def test_cli_smoke_all_modes_and_data(tmp_path):
     for r in rows.values():
         assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["tflops"] > 0
         assert r["batch"] == 4 and r["mfu"] is None  # no MFU on the CPU
-        assert r["memory_kind"] == "cpu_peak_rss_growth" and r["memory_mb"] >= 0
-    assert rows["fast"]["memory_mb"] > 0  # the first model, its optimizer state and activations
+        assert r["memory_kind"] == "cpu_max_rss" and r["memory_mb"] > 0
+    # the process's max RSS so far: it never goes down from one row to the next
+    memory = [r["memory_mb"] for r in rows.values()]
+    assert memory == sorted(memory)
+    assert "max RSS so far MB" in proc.stdout
     assert rows["baseline"]["precision"] == "fp32" and rows["baseline"]["attention"] == "explicit"
     assert rows["fast"]["attention"] == "sdpa" and rows["fast"]["precision"] == "fp32"
     assert rows["baseline"]["speedup_vs_baseline"] == 1.0
@@ -262,5 +384,6 @@ def test_cli_smoke_all_modes_and_data(tmp_path):
     assert rows["finetune"]["model"] == "vit_tiny_patch16"
     data = report["data"]
     assert data["transform_images_per_s_per_core"] > 0 and data["loader_images_per_s_per_worker"] > 0
+    assert data["images"] == 8 and data["fast_decode"] is True
     assert report["torch"] == torch.__version__ and "benchmark.py" in report["command"]
     assert report["device"]

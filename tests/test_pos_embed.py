@@ -4,11 +4,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from timm.layers import resample_abs_pos_embed
 
 import models_mae
 import models_vit
-from util.pos_embed import (get_1d_sincos_pos_embed_from_grid, get_2d_sincos_pos_embed,
-                            interpolate_patch_embed, interpolate_pos_embed)
+from util.pos_embed import (_resize_grid_embed, get_1d_sincos_pos_embed_from_grid,
+                            get_2d_sincos_pos_embed, interpolate_patch_embed,
+                            interpolate_pos_embed)
 
 
 def test_1d_by_hand():
@@ -94,6 +96,36 @@ def test_interpolation_to_a_non_square_grid_and_decoder_pos_embed():
     assert checkpoint_model["decoder_pos_embed"].shape == model.decoder_pos_embed.shape
     model.load_state_dict(checkpoint_model, strict=True)
 
+
+
+def reference_resize(pos_embed, num_extra_tokens, new_hw):
+    """The original MAE computation, kept as the reference for the timm-based resize: bicubic,
+    align_corners=False, on the (1, D, G, G) grid in float32, cast back; extra rows kept."""
+    old = int(round((pos_embed.shape[1] - num_extra_tokens) ** 0.5))
+    extra, grid = pos_embed[:, :num_extra_tokens], pos_embed[:, num_extra_tokens:]
+    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid.float(), size=new_hw, mode="bicubic", align_corners=False)
+    grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).flatten(1, 2)
+    return torch.cat((extra, grid), dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_extra_tokens", [1, 0])
+@pytest.mark.parametrize("old, new_hw", [(14, (24, 24)), (14, (7, 7)), (16, (14, 14)), (14, (12, 16))])
+def test_timm_resize_is_bit_identical_to_the_reference(old, new_hw, num_extra_tokens, dtype):
+    gen = torch.Generator().manual_seed(old * 100 + new_hw[0] * 10 + new_hw[1])
+    for grid in (torch.from_numpy(get_2d_sincos_pos_embed(64, old)).float(),
+                 torch.randn(old * old, 64, generator=gen)):
+        extra = torch.randn(num_extra_tokens, 64, generator=gen)
+        pos = torch.cat((extra, grid))[None].to(dtype)  # (1, extra + G*G, 64)
+        new = _resize_grid_embed(pos, num_extra_tokens, new_hw, "pos_embed")
+        assert new.dtype == dtype and new.shape == (1, num_extra_tokens + new_hw[0] * new_hw[1], 64)
+        assert torch.equal(new, reference_resize(pos, num_extra_tokens, new_hw))
+        assert torch.equal(new[:, :num_extra_tokens], pos[:, :num_extra_tokens])
+        if new_hw[0] < old:  # antialias must stay off: with it, shrinking gives other numbers
+            smooth = resample_abs_pos_embed(pos, list(new_hw), old_size=[old, old],
+                                            num_prefix_tokens=num_extra_tokens, antialias=True)
+            assert not torch.equal(new, smooth)
 
 def test_non_square_checkpoint_grid_is_refused():
     model = models_vit.vit_tiny_patch16(img_size=64, num_classes=3, depth=1)

@@ -1,4 +1,5 @@
-"""Command-line flags shared by main_pretrain.py, main_finetune.py and main_linprobe.py.
+"""Command-line flags shared by main_pretrain.py, main_finetune.py and main_linprobe.py, and the
+linear scaling rule of the learning rate.
 
 The defaults are those of the original main_pretrain.py; the finetune and linear-probe scripts
 change theirs with parser.set_defaults(...).
@@ -27,6 +28,7 @@ def add_common_args(parser):
     parser.add_argument("--model", default="mae_vit_large_patch16", type=str, metavar="MODEL",
                         help="name of the model to train")
     parser.add_argument("--input_size", default=224, type=int, help="image size (pixels)")
+    parser.add_argument("--patch_size", default=None, type=int, help="override the model's patch size")
     parser.add_argument("--data_path", default="./data", type=str,
                         help="dataset root holding train/ and val/ ImageFolder trees")
     parser.add_argument("--num_workers", default=10, type=int)
@@ -70,6 +72,19 @@ def add_common_args(parser):
                         help="take rank and world size from OpenMPI's OMPI_COMM_WORLD_* variables")
     parser.add_argument("--dist_timeout", default=30, type=float,
                         help="minutes a collective may wait for a peer before the run fails")
+    return parser
+
+
+def add_classifier_args(parser):
+    """Add the flags main_finetune.py and main_linprobe.py share (the classifier and its start)."""
+    parser.add_argument("--finetune", default="", help="initialise from this pretraining checkpoint")
+    parser.add_argument("--global_pool", action="store_true")
+    parser.add_argument("--cls_token", action="store_false", dest="global_pool",
+                        help="use the class token instead of global pooling for classification")
+    parser.add_argument("--nb_classes", default=1000, type=int, help="number of classification types")
+    parser.add_argument("--eval", action="store_true", help="only evaluate (the --resume checkpoint)")
+    parser.add_argument("--dist_eval", action="store_true", default=False,
+                        help="distributed evaluation (faster; a few images may count twice)")
     return parser
 
 

@@ -27,7 +27,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from util import misc
+from util.dist import get_rank, get_world_size
 from util.crop import RandomResizedCrop
 
 # What PIL raises for files it cannot decode (UnidentifiedImageError and "image file is
@@ -133,7 +133,7 @@ class PretrainTransform:
 
 def build_pretrain_transform(args):
     """RandomResizedCrop(input_size, scale=(0.2, 1), bicubic) + flip + ToTensor + Normalize."""
-    return PretrainTransform(args.input_size, fast_decode=getattr(args, "fast_decode", False))
+    return PretrainTransform(args.input_size, fast_decode=args.fast_decode)
 
 
 def build_eval_transform(input_size):
@@ -160,23 +160,27 @@ def _posterize(img, bits_to_keep, **__):
     return ImageOps.posterize(img, bits_to_keep)
 
 
-for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-    auto_augment.NAME_TO_OP[_name] = _posterize
+def use_posterize_with_zero_bits():
+    """Point timm's RandAugment posterize ops at _posterize (idempotent). Called by
+    build_transform, so only finetuning transforms change timm, and only when built."""
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        auto_augment.NAME_TO_OP[name] = _posterize
 
 
 def build_transform(is_train, args):
     """Finetuning: timm's RandAugment + random erasing pipeline for training, else eval."""
     if not is_train:
         return build_eval_transform(args.input_size)
+    use_posterize_with_zero_bits()  # Pillow >= 11 refuses posterize(0), which RandAugment draws
     return create_transform(
         input_size=args.input_size,
         is_training=True,
-        color_jitter=getattr(args, "color_jitter", None),
-        auto_augment=getattr(args, "aa", "rand-m9-mstd0.5-inc1"),
+        color_jitter=args.color_jitter,
+        auto_augment=args.aa,
         interpolation="bicubic",
-        re_prob=getattr(args, "reprob", 0.25),
-        re_mode=getattr(args, "remode", "pixel"),
-        re_count=getattr(args, "recount", 1),
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        re_count=args.recount,
         mean=IMAGENET_DEFAULT_MEAN,
         std=IMAGENET_DEFAULT_STD,
     )
@@ -318,8 +322,10 @@ def _split_root(data_path, split):
 
 def build_dataset(is_train, args, transform):
     """ImageFolderDataset over <args.data_path>/train (is_train) or <args.data_path>/val."""
-    root = _split_root(getattr(args, "data_path", None), "train" if is_train else "val")
-    return ImageFolderDataset(root, transform, skip_bad_images=getattr(args, "skip_bad_images", False))
+    root = _split_root(args.data_path, "train" if is_train else "val")
+    dataset = ImageFolderDataset(root, transform, skip_bad_images=args.skip_bad_images)
+    print(dataset)
+    return dataset
 
 
 def check_num_classes(dataset, nb_classes):
@@ -338,8 +344,8 @@ class SeededSampler(torch.utils.data.Sampler):
 
     set_epoch(epoch) is forwarded to the wrapped sampler (DistributedSampler reshuffles with
     it). A RandomSampler's generator is re-seeded from (seed, epoch) at every epoch, so its
-    order too is a function of (seed, epoch). set_start(k) skips the first k samples of the
-    current epoch (mid-epoch resume; k counts this process's samples) until the next set_epoch.
+    order too is a function of (seed, epoch). set_epoch(epoch, start=k) also skips the first k
+    samples of that epoch (mid-epoch resume; k counts this process's samples).
     Use the same seed on every rank. DistributedSampler's padding repeats a few indices; a
     repeated index gets the same seed, hence the same augmentation.
     """
@@ -350,14 +356,11 @@ class SeededSampler(torch.utils.data.Sampler):
         self.epoch = 0
         self.start = 0
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, start=0):
         self.epoch = epoch
-        self.start = 0
+        self.start = start
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
-
-    def set_start(self, k):
-        self.start = k
 
     def __len__(self):
         return max(len(self.sampler) - self.start, 0)
@@ -391,27 +394,27 @@ def _loader(args, dataset, sampler, drop_last):
         pin_memory=args.pin_mem and torch.device(args.device).type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=2 if workers > 0 else None,
-        generator=torch.Generator().manual_seed(args.seed + misc.get_rank()),
+        generator=torch.Generator().manual_seed(args.seed + get_rank()),
     )
 
 
-def build_train_loader(args, dataset):
+def build_train_loader(args, dataset, training=True):
     """The training DataLoader (drop_last) and its SeededSampler: a DistributedSampler (this
     rank's shard, reshuffled by set_epoch) when args.distributed, else a RandomSampler, wrapped
     so that a sample's augmentation depends only on (seed, epoch, index). Call
     sampler.set_epoch(epoch) before each epoch. Raises a ValueError when the dataset holds fewer
-    images than one batch of all the processes (except with --eval, which does not train).
-    Returns (sampler, loader)."""
-    world_size = misc.get_world_size()
+    images than one batch of all the processes, unless training=False (--eval builds the loader
+    but does not train). Returns (sampler, loader)."""
+    world_size = get_world_size()
     if args.distributed:
-        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=misc.get_rank(),
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=get_rank(),
                                                       shuffle=True, seed=args.seed)
     else:
         sampler = torch.utils.data.RandomSampler(dataset)
     sampler = SeededSampler(sampler, seed=args.seed)
     print("Sampler_train = %s" % str(sampler))
     loader = _loader(args, dataset, sampler, drop_last=True)
-    if len(loader) == 0 and not getattr(args, "eval", False):
+    if len(loader) == 0 and training:
         raise ValueError(f"{len(dataset)} training images are fewer than one batch of "
                          f"--batch_size {args.batch_size} per process x {world_size} processes")
     return sampler, loader
@@ -421,17 +424,29 @@ def build_val_loader(args, dataset):
     """The evaluation DataLoader: every image in order, or with --dist_eval (when distributed)
     this rank's shard of a DistributedSampler, which pads the last shard with repeated images
     when the dataset does not divide by the number of processes (as the original)."""
-    world_size = misc.get_world_size()
+    world_size = get_world_size()
     if args.distributed and args.dist_eval:
         if len(dataset) % world_size != 0:
             print("Warning: Enabling distributed evaluation with an eval dataset not divisible by process "
                   "number. This will slightly alter validation results as extra duplicate entries are "
                   "added to achieve equal num of samples per-process.")
-        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=misc.get_rank(),
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=get_rank(),
                                                       shuffle=False)
     else:
         sampler = torch.utils.data.SequentialSampler(dataset)
     return _loader(args, dataset, sampler, drop_last=False)
+
+
+def build_classification_loaders(args, build_transform_fn):
+    """The data of finetuning and linear probing: <data_path>/train through
+    build_transform_fn(True, args) and <data_path>/val through build_transform_fn(False, args),
+    the training classes checked against --nb_classes (--eval builds the training loader without
+    training on it). Returns (sampler_train, data_loader_train, data_loader_val)."""
+    dataset_train = build_dataset(True, args, build_transform_fn(True, args))
+    dataset_val = build_dataset(False, args, build_transform_fn(False, args))
+    check_num_classes(dataset_train, args.nb_classes)
+    sampler_train, data_loader_train = build_train_loader(args, dataset_train, training=not args.eval)
+    return sampler_train, data_loader_train, build_val_loader(args, dataset_val)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,9 +4,7 @@ Numbers match the original MAE release: the FIRST half of the channels encodes a
 column (w) index, the second half its row (h) index, computed in float64.
 """
 import numpy as np
-import torch
-import torch.nn.functional as F
-from timm.layers import resample_patch_embed
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 
 def _as_hw(grid_size):
@@ -56,7 +54,6 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 def _resize_grid_embed(pos_embed, num_extra_tokens, new_hw, name):
     """pos_embed: (1, extra + Gh*Gw, D) from a checkpoint, square grid; resize the grid part
     to new_hw with bicubic interpolation, keeping the extra (cls) tokens as they are."""
-    embed_dim = pos_embed.shape[-1]
     num_old = pos_embed.shape[-2] - num_extra_tokens
     old_size = int(round(num_old**0.5))
     if old_size * old_size != num_old:
@@ -67,14 +64,18 @@ def _resize_grid_embed(pos_embed, num_extra_tokens, new_hw, name):
     if (old_size, old_size) == tuple(new_hw):
         return pos_embed
     print(f"Position interpolate {name} from {old_size}x{old_size} to {new_hw[0]}x{new_hw[1]}")
-    extra_tokens = pos_embed[:, :num_extra_tokens]  # (1, extra, D)
-    grid_tokens = pos_embed[:, num_extra_tokens:]  # (1, G*G, D)
-    grid_tokens = grid_tokens.reshape(-1, old_size, old_size, embed_dim).permute(0, 3, 1, 2)
-    grid_tokens = F.interpolate(
-        grid_tokens.float(), size=tuple(new_hw), mode="bicubic", align_corners=False
-    ).to(pos_embed.dtype)  # (1, D, Gh', Gw')
-    grid_tokens = grid_tokens.permute(0, 2, 3, 1).flatten(1, 2)  # (1, Gh'*Gw', D)
-    return torch.cat((extra_tokens, grid_tokens), dim=1)
+    # timm's resize is the same computation as the original MAE code: bicubic with
+    # align_corners=False (F.interpolate's default) on the (1, D, G, G) grid in float32, cast
+    # back to the table's dtype, extra tokens put back in front unchanged. With antialias off it
+    # gives bit-identical tables (tests/test_pos_embed.py checks fp32 and fp16, up and down).
+    return resample_abs_pos_embed(
+        pos_embed,
+        new_size=list(new_hw),
+        old_size=[old_size, old_size],
+        num_prefix_tokens=num_extra_tokens,
+        interpolation="bicubic",
+        antialias=False,
+    )  # (1, extra + Gh'*Gw', D)
 
 
 def interpolate_pos_embed(model, checkpoint_model):

@@ -1,0 +1,108 @@
+"""Fixtures shared by the test modules: one torch thread, the scripts' real argument parsers,
+generated toy image folders, tiny models, and the subprocess runner of the end-to-end tests.
+
+`pytest -m "not slow"` leaves out the chain and the multi-process (torchrun / gloo) tests.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main_finetune
+import main_linprobe
+import main_pretrain
+import models_mae
+import models_vit
+from util.toy_data import make_toy_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {"pretrain": main_pretrain, "finetune": main_finetune, "linprobe": main_linprobe}
+
+# Variables of a launcher (torchrun, SLURM) that would turn a test's run into a distributed one.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                 "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "TORCHELASTIC_RUN_ID",
+                 "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE")
+# The environment of every subprocess: no launcher, one OpenMP thread (the in-process runs use one
+# torch thread too, so both compute the same bits), unbuffered output.
+SUBPROCESS_ENV = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+SUBPROCESS_ENV.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: the chain and multi-process tests (deselect with -m 'not slow')")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One torch thread: on a small, shared CPU, 2+ OpenMP threads per process can be 10-100x
+    slower for these tiny models (spinning threads competing with the other processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def make_args():
+    """make_args(script, *flags, **fields): the Namespace of `python main_<script>.py flags`
+    from the script's real parser (script: 'pretrain', 'finetune' or 'linprobe'), then `fields`
+    set on it (values a run resolves, e.g. precision='fp32', lr=1e-3, distributed=False)."""
+    def make(script, *flags, **fields):
+        args = SCRIPTS[script].get_args_parser().parse_args([str(f) for f in flags])
+        vars(args).update(fields)
+        return args
+    return make
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    """toy_data(**kwargs) -> the path of a generated ImageFolder root (train/ and val/, see
+    util.toy_data.make_toy_dataset), made once per set of arguments in the session."""
+    made = {}
+
+    def make(**kwargs):
+        key = tuple(sorted(kwargs.items()))
+        if key not in made:
+            made[key] = make_toy_dataset(str(tmp_path_factory.mktemp("toy")), **kwargs)
+        return made[key]
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_mae():
+    """tiny_mae(**overrides): a MaskedAutoencoderViT of 32 px images in 8 px patches (16 of
+    them), 1 encoder block of width 32 and 1 decoder block of width 16."""
+    def build(**overrides):
+        kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
+                      decoder_depth=1, decoder_num_heads=2)
+        return models_mae.MaskedAutoencoderViT(**{**kwargs, **overrides})
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_vit():
+    """tiny_vit(**overrides): a global-pool models_vit classifier of 32 px images in 16 px patches,
+    2 blocks of width 32, 5 classes."""
+    def build(**overrides):
+        kwargs = dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=5,
+                      global_pool=True)
+        return models_vit.vit_tiny_patch16(**{**kwargs, **overrides})
+    return build
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """run_script(script, *flags, timeout=300, check=True) -> (exit status, stdout + stderr) of
+    `python script flags` run in the repo root in a subprocess with SUBPROCESS_ENV: the command
+    line as a user types it. check=True asserts the exit status 0, showing the output's end."""
+    def run(script, *flags, timeout=300, check=True):
+        cmd = [sys.executable, script, *map(str, flags)]
+        proc = subprocess.run(cmd, cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
+                              timeout=timeout)
+        output = proc.stdout + proc.stderr
+        if check:
+            assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-6000:]}"
+        return proc.returncode, output
+    return run

@@ -1,0 +1,515 @@
+"""Checkpoints: atomic save, safe load, RNG state, compatibility checks, resume and auto-resume,
+the output-folder probe, the save policy, the non-finite guards that decide whether a checkpoint
+may be written, and the --finetune loading of a pretrained encoder into a classifier.
+
+Rules followed here:
+- checkpoints are written atomically (temp file + fsync + os.replace), by rank 0 only, and hold
+  every rank's RNG state so that a resumed run continues like an uninterrupted one;
+- weights that hold a NaN or an infinity are never written;
+- checkpoints are loaded with torch.load(weights_only=True) unless the user knowingly opts out.
+"""
+import argparse
+import fnmatch
+import math
+import os
+import pickle
+import random
+import re
+import socket
+import sys
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from util.dist import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
+from util.pos_embed import interpolate_patch_embed, interpolate_pos_embed
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite guards
+# ---------------------------------------------------------------------------------------------
+
+class NonFiniteLossError(RuntimeError):
+    """Raised by the training engines when the loss becomes NaN or infinite."""
+
+    def __init__(self, loss, epoch, iteration):
+        self.loss, self.epoch, self.iteration = loss, epoch, iteration
+        super().__init__(f"Loss is {loss} at epoch {epoch}, iteration {iteration}; stopping training. "
+                         "Try --precision bf16 or fp32, a lower --blr, or --clip_grad, and resume from "
+                         "the last checkpoint.")
+
+    def __reduce__(self):
+        return type(self), (self.loss, self.epoch, self.iteration)
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """Raised by save_model instead of writing weights that hold a NaN or an infinity (an update
+    that diverged after the last finite loss, e.g. at the last iteration of an epoch)."""
+
+    def __init__(self, epoch, iteration):
+        self.loss, self.epoch, self.iteration = "finite", epoch, iteration
+        RuntimeError.__init__(self, f"The weights hold non-finite values after epoch {epoch}, iteration "
+                              f"{iteration}; not saving them, stopping training. Try --precision bf16 or "
+                              "fp32, a lower --blr, or --clip_grad, and resume from the last checkpoint.")
+
+    def __reduce__(self):
+        return type(self), (self.epoch, self.iteration)
+
+
+def check_finite_weights(model, epoch, iteration):
+    """Raise NonFiniteWeightsError when a parameter of model holds a NaN or an infinity (one
+    device-to-host sync)."""
+    params = [p.detach() for p in model.parameters()]
+    if params and not torch.stack([torch.isfinite(p).all() for p in params]).all().item():
+        raise NonFiniteWeightsError(epoch, iteration)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random number generators
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed):
+    """Seed torch (CPU and all GPUs), numpy's global RNG and python's random (pass seed + rank)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def get_rng_state():
+    """States of torch (CPU, every CUDA device), numpy's global RNG and python's random.
+
+    Holds only tensors and python builtins, so a checkpoint containing it loads with
+    weights_only=True.
+    """
+    kind, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what get_rng_state() returned (CUDA states for the devices present)."""
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["key"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    random.setstate(_as_tuples(state["python"]))
+    if torch.cuda.is_available() and "cuda" in state:
+        for i, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, i)
+
+
+def _as_tuples(x):
+    """random.setstate needs tuples; a state that went through some serialisers has lists."""
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---------------------------------------------------------------------------------------------
+# Save and load
+# ---------------------------------------------------------------------------------------------
+
+# Types a checkpoint of this repo or of the original release may hold besides tensors and python
+# builtins: the original scripts pickled their argparse.Namespace under 'args'.
+SAFE_GLOBALS = [argparse.Namespace]
+_CKPT_NAME = re.compile(r"checkpoint-(\d+|last)\.pth")
+
+
+def _fsync_dir(folder):
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path):
+    """torch.save `obj` so that `path` always holds either the old file or the complete new one.
+
+    Writes `.<name>.tmp-<pid>` in the same folder, fsyncs it, renames it onto `path` with
+    os.replace (atomic on POSIX and Windows) and fsyncs the folder so the rename survives a crash.
+    """
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _plain(value):
+    """Reduce an args value to python builtins so the checkpoint stays weights_only-loadable."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)  # paths, devices, dtypes, ...
+
+
+def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra=None, tag=None, step=None):
+    """Write {output_dir}/checkpoint-{tag or epoch}.pth atomically on rank 0.
+
+    Every rank must call it: the RNG states of all ranks are gathered into 'rng' (list by rank).
+    step: iterations completed inside `epoch` (None = the epoch is complete).
+    Returns the path on rank 0, None on the other ranks. Raises NonFiniteWeightsError, writing
+    nothing, when the weights hold a NaN or an infinity.
+    """
+    check_finite_weights(model_without_ddp, epoch, "end" if step is None else step)
+    rng = [get_rng_state()]
+    if is_dist_avail_and_initialized():
+        rng = [None] * get_world_size()
+        dist.all_gather_object(rng, get_rng_state())
+    if not is_main_process():
+        return None
+    checkpoint = {
+        "model": model_without_ddp.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "args": argparse.Namespace(**{k: _plain(v) for k, v in vars(args).items()}),
+        "rng": rng,
+    }
+    if optimizer is not None:
+        checkpoint["optimizer"] = optimizer.state_dict()
+    if loss_scaler is not None:
+        checkpoint["scaler"] = loss_scaler.state_dict()
+    checkpoint.update(extra or {})
+    path = os.path.join(args.output_dir, f"checkpoint-{tag if tag is not None else epoch}.pth")
+    atomic_save(checkpoint, path)
+    return path
+
+
+def _refused_global(message):
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    if match:
+        return f"the type {match.group(1)}"
+    return "an object: " + message.strip().splitlines()[-1]
+
+
+def load_checkpoint(path, unsafe=False, mmap=False):
+    """Load a checkpoint (file path or http(s) URL) onto the CPU, safely by default.
+
+    Uses torch.load(weights_only=True) with SAFE_GLOBALS allowed; unsafe=True (--unsafe_load)
+    uses weights_only=False, which can execute code stored in the file.
+    """
+    path = os.fspath(path)
+    is_url = path.startswith(("http://", "https://"))
+    if not is_url and not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: '{path}'")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            if is_url:
+                return torch.hub.load_state_dict_from_url(path, map_location="cpu", weights_only=not unsafe)
+            return torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise RuntimeError(
+            f"Refused to load checkpoint '{path}': it contains {_refused_global(str(e))}, which is not "
+            "on the allow-list of safe types. Unpickling arbitrary objects can run arbitrary code. If you "
+            "trust this file, pass --unsafe_load (load_checkpoint(..., unsafe=True)) to load it with "
+            "weights_only=False.") from e
+
+
+def _truncated(items, limit=10):
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def check_state_dict_compat(model, state_dict, allowed_missing=(), allowed_unexpected=()):
+    """Raise ValueError listing missing / unexpected keys and shape mismatches, else return None.
+
+    allowed_missing / allowed_unexpected are fnmatch patterns such as 'head.*' or 'decoder*'.
+    """
+    model_state = model.state_dict()
+
+    def allowed(key, patterns):
+        return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+    missing = [k for k in model_state if k not in state_dict and not allowed(k, allowed_missing)]
+    unexpected = [k for k in state_dict if k not in model_state and not allowed(k, allowed_unexpected)]
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
+                  for k, v in state_dict.items()
+                  if k in model_state and torch.is_tensor(v) and v.shape != model_state[k].shape]
+    if not (missing or unexpected or mismatched):
+        return
+    lines = ["checkpoint does not fit the model:"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {_truncated(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {_truncated(unexpected)}")
+    if mismatched:
+        lines.append(f"  shape mismatches ({len(mismatched)}):")
+        lines += [f"    {m}" for m in mismatched[:10]]
+        if len(mismatched) > 10:
+            lines.append(f"    ... and {len(mismatched) - 10} more")
+    if unexpected and all(k.startswith("module.") for k in unexpected):
+        lines.append("  hint: keys start with 'module.': the state_dict was saved from a DDP wrapper")
+    lines.append("  hint: checkpoint of another architecture / patch size / image size?")
+    raise ValueError("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume
+# ---------------------------------------------------------------------------------------------
+
+class ResumePoint(NamedTuple):
+    """Where a run starts: the first epoch to train, the iterations of that epoch already done
+    (a mid-epoch checkpoint; the sampler skips their samples) and, for classifiers, the best
+    test top-1 before it."""
+    epoch: int
+    iteration: int = 0
+    max_accuracy: float = 0.0
+
+
+def resume(args, model_without_ddp, optimizer, loss_scaler, eval_only=False):
+    """Load the checkpoint to continue from: --resume, or with --auto_resume the most advanced
+    checkpoint of this run in --output_dir (see auto_resume). Call on every rank.
+
+    Loads the model and, unless eval_only (--eval: weights only), the optimizer, the scaler and
+    the RNG states. Returns the ResumePoint; ResumePoint(args.start_epoch) when there is nothing
+    to resume from.
+    """
+    path = auto_resume(args)
+    if not path:
+        return ResumePoint(args.start_epoch)
+    checkpoint = load_checkpoint(path, unsafe=args.unsafe_load)
+    if "model" not in checkpoint:
+        raise KeyError(f"checkpoint '{path}' has no 'model' entry (keys: {sorted(checkpoint)})")
+    check_state_dict_compat(model_without_ddp, checkpoint["model"])
+    model_without_ddp.load_state_dict(checkpoint["model"])
+    print(f"Resume checkpoint {path}")
+    max_accuracy = checkpoint.get("max_accuracy", 0.0)
+    if optimizer is None or "optimizer" not in checkpoint or eval_only:
+        return ResumePoint(args.start_epoch, 0, max_accuracy)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if loss_scaler is not None and "scaler" in checkpoint:
+        loss_scaler.load_state_dict(checkpoint["scaler"])
+    step = checkpoint.get("step")
+    start = ResumePoint(checkpoint["epoch"] + 1 if step is None else checkpoint["epoch"], step or 0, max_accuracy)
+    _restore_rng(checkpoint.get("rng"))
+    print(f"With optim & sched: epoch {checkpoint['epoch']}, step {step}; "
+          f"continuing at epoch {start.epoch}, iteration {start.iteration}")
+    return start
+
+
+def _restore_rng(states):
+    if not states:
+        print("checkpoint holds no RNG state: keeping the current seeding")
+    elif len(states) != get_world_size():
+        print(f"checkpoint holds RNG states of {len(states)} ranks but the world size is now "
+              f"{get_world_size()}: keeping the current seeding (the run will not replay exactly)")
+    else:
+        set_rng_state(states[get_rank()])
+
+
+def _progress(checkpoint):
+    """(epoch, step) ordering key; a complete epoch counts as after all of its steps."""
+    step = checkpoint.get("step")
+    return checkpoint["epoch"], math.inf if step is None else step
+
+
+def _other_run(checkpoint, run):
+    """Why a checkpoint is not one of run's (a different --model or script), or None.
+    run: the current args; a checkpoint without a saved stage/model (the original's) matches."""
+    saved = vars(checkpoint.get("args") or argparse.Namespace())
+    for key in ("stage", "model"):
+        mine, theirs = getattr(run, key), saved.get(key)
+        if theirs is not None and mine != theirs:
+            return f"it was written by a {theirs!r} run, not {mine!r} ({key})"
+    return None
+
+
+def find_latest_checkpoint(output_dir, unsafe=False, run=None):
+    """Path of the checkpoint-<int>.pth / checkpoint-last.pth with the most progress, or None.
+    With run (the current args), checkpoints of another script or model are skipped with a
+    warning (e.g. pretraining checkpoints in the folder a finetuning run writes to)."""
+    if not os.path.isdir(output_dir):
+        return None
+    best, best_progress = None, None
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if name.startswith(".") and ".tmp-" in name:
+            print(f"WARNING: '{path}' is left from an interrupted save; it is ignored and can be deleted")
+        if not _CKPT_NAME.fullmatch(name):
+            continue
+        try:
+            checkpoint = load_checkpoint(path, unsafe=unsafe, mmap=True)
+            progress = _progress(checkpoint)
+        except Exception as e:  # corrupt / truncated / foreign file: never fatal here
+            print(f"WARNING: skipping unreadable checkpoint '{path}': {type(e).__name__}: {e}")
+            continue
+        other = run is not None and _other_run(checkpoint, run)
+        if other:
+            print(f"WARNING: auto-resume skips '{path}': {other}")
+            continue
+        if best_progress is None or progress > best_progress:
+            best, best_progress = path, progress
+    return best
+
+
+def auto_resume(args):
+    """The checkpoint to resume from: --resume when given, else with --auto_resume the latest
+    checkpoint of this run (script and model) in --output_dir, else "".
+
+    Call on every rank after init_distributed_mode: rank 0 chooses and broadcasts its choice.
+    """
+    if not args.auto_resume or args.resume or not args.output_dir:
+        return args.resume
+    choice = [None]
+    if is_main_process():
+        choice[0] = find_latest_checkpoint(args.output_dir, unsafe=args.unsafe_load, run=args)
+    if is_dist_avail_and_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    if choice[0]:
+        print(f"Auto-resume from {choice[0]}")
+    return choice[0] or ""
+
+
+def check_output_dir(path):
+    """Create `path` (with parents) and check it is writable; raise a clear error otherwise."""
+    probe = os.path.join(path, f".write-probe-{socket.gethostname()}-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise RuntimeError(f"output folder '{path}' is not writable ({type(e).__name__}: {e.strerror or e}); "
+                           "choose another --output_dir / --log_dir") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Save policy
+# ---------------------------------------------------------------------------------------------
+
+def mid_epoch_save_due(args, done, update_grad):
+    """Whether the training engines refresh checkpoint-last.pth after `done` iterations of an
+    epoch: every --save_every_iters iterations, at an optimizer step (never inside an
+    accumulation cycle, so a resume restarts at a cycle boundary)."""
+    return args.save_every_iters > 0 and update_grad and done % args.save_every_iters == 0
+
+
+def save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, test_acc1=None, max_accuracy=0.0):
+    """The end-of-epoch checkpoints: checkpoint-<epoch>.pth every --save_freq epochs and at the
+    last one, checkpoint-last.pth with --save_every_iters (so it is never older than the epoch
+    checkpoints). Nothing is written without --output_dir. All ranks call it.
+
+    Classifiers pass this epoch's test top-1 and the best before it: the best so far is printed,
+    held by every checkpoint as 'max_accuracy' and returned, and checkpoint-best.pth is written
+    when this epoch beats the previous best.
+    """
+    improved = test_acc1 is not None and test_acc1 > max_accuracy
+    extra = None
+    if test_acc1 is not None:
+        max_accuracy = max(max_accuracy, test_acc1)
+        extra = {"max_accuracy": max_accuracy}
+        print(f"Max accuracy: {max_accuracy:.2f}%")
+    if not args.output_dir:
+        return max_accuracy
+    state = dict(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
+                 loss_scaler=loss_scaler, epoch=epoch, extra=extra)
+    if (args.save_freq > 0 and epoch % args.save_freq == 0) or epoch + 1 == args.epochs:
+        save_model(**state)
+    if args.save_every_iters > 0:  # keep checkpoint-last.pth current
+        save_model(**state, tag="last")
+    if improved:
+        save_model(**state, tag="best")
+    return max_accuracy
+
+
+def set_aside_diverged_checkpoint(output_dir, error):
+    """A checkpoint-last.pth saved at the very iteration whose loss was non-finite holds the
+    diverged weights: rename it so that auto-resume falls back to the last good checkpoint.
+    error: the NonFiniteLossError that stopped the run."""
+    path = os.path.join(output_dir, "checkpoint-last.pth")
+    if not output_dir or not os.path.isfile(path):
+        return
+    try:
+        ckpt = load_checkpoint(path, mmap=True)
+    except Exception:  # unreadable: leave it, auto-resume skips it with a warning
+        return
+    if (ckpt.get("epoch"), ckpt.get("step")) == (error.epoch, error.iteration):
+        os.replace(path, path + ".nonfinite")
+        sys.stderr.write(f"{path} was saved after the last finite loss; moved to {path}.nonfinite\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# --finetune: load a pretrained encoder into a classifier
+# ---------------------------------------------------------------------------------------------
+
+# Keys of a pretraining checkpoint that a classifier does not use: the decoder and the mask
+# token of MaskedAutoencoderViT, `norm` when the classifier pools globally (it has `fc_norm`
+# instead), `fc_norm` when it uses the cls token, and a head of another shape or layout.
+UNUSED_CHECKPOINT_KEYS = ("decoder*", "mask_token", "norm.*", "fc_norm.*", "head.*")
+
+
+def _state_dict_of(checkpoint, path):
+    """checkpoint['model'] (this repo's and the original's files), or the checkpoint itself when
+    it is a bare state_dict."""
+    if "model" in checkpoint:
+        return checkpoint["model"]
+    if checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
+        return checkpoint
+    raise KeyError(f"--finetune {path}: no 'model' entry and not a state_dict (keys: {sorted(checkpoint)})")
+
+
+def load_pretrained_encoder(model, path, unsafe=False):
+    """Load the encoder weights of the checkpoint at `path` into `model` (a models_vit classifier).
+
+    As the original: a head whose shape differs from the model's is dropped, the position
+    embedding is resized (bicubic) to the model's patch grid, and the weights load with
+    strict=False. Stricter than the original, everything is checked BEFORE loading: the only
+    keys the model may miss are head.* (plus fc_norm.* for a global-pool model, whose
+    pretraining checkpoint has `norm` instead), the only keys it may ignore are those of
+    UNUSED_CHECKPOINT_KEYS, and every common key must have the model's shape; otherwise a
+    ValueError lists the offending keys (typically a checkpoint of another model size).
+    The head is NOT initialised here (the callers draw it: std 2e-5 finetune, 0.01 linprobe).
+    Returns torch's load result (missing_keys, unexpected_keys).
+    """
+    checkpoint = load_checkpoint(path, unsafe=unsafe)
+    checkpoint_model = dict(_state_dict_of(checkpoint, path))
+    print(f"Load pre-trained checkpoint from: {path}")
+
+    model_state = model.state_dict()
+    for k in ("head.weight", "head.bias"):
+        if k in checkpoint_model and k in model_state and checkpoint_model[k].shape != model_state[k].shape:
+            print(f"Removing key {k} from pretrained checkpoint (shape {tuple(checkpoint_model[k].shape)} "
+                  f"vs {tuple(model_state[k].shape)})")
+            del checkpoint_model[k]
+
+    interpolate_patch_embed(model, checkpoint_model)  # another patch size
+    interpolate_pos_embed(model, checkpoint_model)  # another image size / patch grid
+
+    allowed_missing = ["head.*"]
+    if any(k.startswith("fc_norm.") for k in model_state):  # global pool: fc_norm starts fresh
+        allowed_missing.append("fc_norm.*")
+    try:
+        check_state_dict_compat(model, checkpoint_model, allowed_missing=allowed_missing,
+                                allowed_unexpected=UNUSED_CHECKPOINT_KEYS)
+    except ValueError as e:
+        raise ValueError(f"--finetune {path} does not fit the {type(model).__name__}: {e}") from e
+
+    msg = model.load_state_dict(checkpoint_model, strict=False)
+    print(f"Missing keys (trained from scratch): {msg.missing_keys}")
+    print(f"Unused checkpoint keys: {msg.unexpected_keys}")
+    return msg
