@@ -18,7 +18,8 @@ Each mode is one row of the table, measured in the same process on the same mach
 
 Inputs are synthetic tensors already on the device (model-bound). With --data_path (an
 ImageFolder root: <data_path>/train/<class>/<image>, as --make_jpegs writes), the pretraining
-transform is also timed on one core (util.datasets.benchmark_transform), the DataLoader alone
+transform is also timed on one core (util.datasets.benchmark_transform; and side by side with
+--fast_decode off and on, compare_fast_decode), the DataLoader alone
 with --num_workers workers, and the fast step fed by that DataLoader (data-bound row
 "fast+data"). Dataset, transform and DataLoader are main_pretrain's: util.datasets'
 build_dataset, build_pretrain_transform and build_train_loader.
@@ -56,7 +57,8 @@ from PIL import Image
 
 import models_mae
 import models_vit
-from util.datasets import benchmark_transform, build_dataset, build_pretrain_transform, build_train_loader
+from util.datasets import (PretrainTransform, benchmark_transform, build_dataset, build_pretrain_transform,
+                           build_train_loader)
 from util.lr_decay import param_groups_lrd
 from util.misc import NativeScalerWithGradNormCount, autocast, fast_adamw_kwargs, resolve_precision
 from util.models import model_from_name
@@ -431,6 +433,18 @@ def time_loader(batches, args):
     return args.steps * args.batch_size / (time.perf_counter() - t0)
 
 
+def compare_fast_decode(folder, input_size, n, rounds=3):
+    """Images/s per core of the pretraining transform with --fast_decode off and on, side by side:
+    `rounds` alternations (the order swapped every round, so a drift in the machine's load
+    favours neither). Returns {'off': median, 'on': median, 'speedup': on / off}."""
+    runs = {False: [], True: []}
+    for r in range(rounds):
+        for fast in ((False, True) if r % 2 == 0 else (True, False)):
+            runs[fast].append(benchmark_transform(folder, PretrainTransform(input_size, fast_decode=fast), n=n))
+    off, on = statistics.median(runs[False]), statistics.median(runs[True])
+    return dict(off=off, on=on, speedup=on / off)
+
+
 def measure_data(args, device):
     """Transform on one core, DataLoader alone, and the fast step fed by the DataLoader."""
     dataset, sampler, loader = build_data(args)
@@ -438,6 +452,7 @@ def measure_data(args, device):
                   fast_decode=args.fast_decode)
     ips = benchmark_transform(dataset.root, build_pretrain_transform(args), n=args.n)
     result["transform_images_per_s_per_core"] = ips
+    result["fast_decode_comparison"] = compare_fast_decode(dataset.root, args.input_size, args.n)
     batches = endless(sampler, loader)
     loader_ips = time_loader(batches, args)
     result["loader_images_per_s"] = loader_ips
@@ -620,6 +635,9 @@ def print_report(report):
         print(f"MAE saving (all_tokens step / fast step): {saving:.2f}x (paper: 2.8x-4.1x)")
     if report["data"]:
         d = report["data"]
+        fd = d["fast_decode_comparison"]
+        print(f"data: --fast_decode off {fd['off']:.1f} / on {fd['on']:.1f} images/s per core "
+              f"({fd['speedup']:.2f}x, median of 3 alternations)")
         print(f"data: transform {d['transform_images_per_s_per_core']:.1f} images/s per core; "
               f"DataLoader {d['loader_images_per_s']:.1f} images/s with {d['num_workers']} workers "
               f"({d['loader_images_per_s_per_worker']:.1f} per worker)")

@@ -1,7 +1,7 @@
 """Training and evaluation loops of MAE finetuning and linear probing.
 
 - train_one_epoch: per-iteration lr, mixup/cutmix, gradient accumulation and clipping. As in
-  pretraining the losses stay on the device: misc.PendingLosses syncs them (one all-reduce and
+  pretraining the losses stay on the device: misc.TrainingLog syncs them (one all-reduce and
   one device-to-host copy for the buffer) only at the log points, before a mid-epoch checkpoint
   and at the end of the epoch; a non-finite loss found there stops the run before anything is
   saved.
@@ -56,8 +56,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)  # targets: (N, num_classes) soft labels
 
-        # we use a per iteration (instead of per epoch) lr scheduler; resumes start at a cycle boundary
-        if data_iter_step % args.accum_iter == 0:
+        # we use a per iteration (instead of per epoch) lr scheduler, set at each accumulation cycle's start
+        if data_iter_step % args.accum_iter == 0 or data_iter_step == start_iter:
             lr = lr_sched.adjust_learning_rate(optimizer, log.progress(data_iter_step), args)
         update_grad = (data_iter_step + 1) % args.accum_iter == 0
         with grad_sync(model, update_grad):

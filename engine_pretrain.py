@@ -1,6 +1,6 @@
 """One epoch of masked-image-modelling pretraining (MAE).
 
-The losses stay on the device while training: misc.PendingLosses syncs them (one all-reduce and
+The losses stay on the device while training: misc.TrainingLog syncs them (one all-reduce and
 one device-to-host copy for the whole buffer) only at the log points, before a mid-epoch
 checkpoint and at the end of the epoch. A non-finite loss is detected there and stops the run
 before anything else is saved.
@@ -25,8 +25,8 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
                            loss_name="train_loss")
     optimizer.zero_grad()
     for data_iter_step, (samples, _) in log.iterate(data_loader):
-        # we use a per iteration (instead of per epoch) lr scheduler; resumes start at a cycle boundary
-        if data_iter_step % args.accum_iter == 0:
+        # we use a per iteration (instead of per epoch) lr scheduler, set at each accumulation cycle's start
+        if data_iter_step % args.accum_iter == 0 or data_iter_step == start_iter:
             lr = lr_sched.adjust_learning_rate(optimizer, log.progress(data_iter_step), args)
         update_grad = (data_iter_step + 1) % args.accum_iter == 0
 

@@ -1,7 +1,8 @@
 """Fixtures shared by the test modules: one torch thread, the scripts' real argument parsers,
 generated toy image folders, tiny models, and the subprocess runner of the end-to-end tests.
 
-`pytest -m "not slow"` leaves out the chain and the multi-process (torchrun / gloo) tests.
+`pytest -m "not slow"` leaves out the chain test, the multi-process (torchrun / gloo) tests, the
+fault-injection (SIGKILL) tests and the longer end-to-end runs: about a minute on 2 cores.
 """
 import os
 import subprocess
@@ -31,7 +32,8 @@ SUBPROCESS_ENV.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: the chain and multi-process tests (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "slow: the chain, multi-process, SIGKILL and longer end-to-end tests "
+                                       "(deselect with -m 'not slow')")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -5,8 +5,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,16 +18,10 @@ import models_vit
 from util import models as util_models
 from util.datasets import ImageFolderDataset, PretrainTransform, SeededSampler
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+# conftest's tiny_mae (img 32, patch 8, depth 1, 2 heads, decoder depth 1 with 2 heads) of width
+# 8 and decoder width 4, built after torch.manual_seed(0).
 # img 32, patch 8 -> L = 16 patches of p*p*C = 192 values; mask 0.75 -> K = 4 visible
-TINY = dict(img_size=32, patch_size=8, embed_dim=8, depth=1, num_heads=2,
-            decoder_embed_dim=4, decoder_depth=1, decoder_num_heads=2)
-
-
-def tiny_mae(**overrides):
-    torch.manual_seed(0)
-    return models_mae.MaskedAutoencoderViT(**{**TINY, **overrides})
+TINY = dict(embed_dim=8, decoder_embed_dim=4)
 
 
 def tiny_args(**overrides):
@@ -60,20 +52,21 @@ def test_flops_formula_by_hand():
     assert benchmark.vit_forward_flops(16, 192, 8, 1, 10) == 84672
 
 
-def test_train_flops_read_off_the_models():
-    mae = tiny_mae()
+def test_train_flops_read_off_the_models(tiny_mae, tiny_vit):
+    torch.manual_seed(0)
+    mae = tiny_mae(**TINY)
     assert benchmark.train_flops_per_image(mae, "fast", 0.75) == 3 * 93680
     assert benchmark.train_flops_per_image(mae, "baseline", 0.75) == 3 * 93680
     assert benchmark.train_flops_per_image(benchmark.AllTokensMAE(mae), "all_tokens", 0.75) == 3 * 121328
-    vit = models_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=8, depth=1, num_heads=2,
-                                       num_classes=10, global_pool=True)
+    vit = tiny_vit(patch_size=8, embed_dim=8, depth=1, num_classes=10)
     assert benchmark.train_flops_per_image(vit, "finetune", 0.75) == 3 * 84672
 
 
-def test_flops_formula_matches_torch_flop_counter():
+def test_flops_formula_matches_torch_flop_counter(tiny_mae):
     """torch's counter on the real forward (explicit attention, so q k^T and attn v are matmuls
     it sees) = the formula + decoder_pred on the cls row, which the formula leaves out."""
-    mae = tiny_mae(depth=2, decoder_depth=2)
+    torch.manual_seed(0)
+    mae = tiny_mae(**TINY, depth=2, decoder_depth=2)
     benchmark.use_explicit_attention(mae)
     n = 3
     with FlopCounterMode(display=False) as counter:
@@ -92,9 +85,9 @@ def test_flops_formula_matches_torch_flop_counter():
 # Baseline: explicit attention, original optimizer
 # ---------------------------------------------------------------------------------------------
 
-def test_explicit_attention_is_softmax_qkT_v():
+def test_explicit_attention_is_softmax_qkT_v(tiny_mae):
     torch.manual_seed(0)
-    attn = tiny_mae().blocks[0].attn
+    attn = tiny_mae(**TINY).blocks[0].attn
     x = torch.randn(2, 5, 8)
     B, T, D = x.shape
     h, d = attn.num_heads, D // attn.num_heads
@@ -167,8 +160,9 @@ def test_optimizers_fast_vs_original():
 # All tokens (encoder w/ mask tokens)
 # ---------------------------------------------------------------------------------------------
 
-def test_all_tokens_encoder_sees_every_patch():
-    mae = tiny_mae()
+def test_all_tokens_encoder_sees_every_patch(tiny_mae):
+    torch.manual_seed(0)
+    mae = tiny_mae(**TINY)
     wrapper = benchmark.AllTokensMAE(mae)
     seen = []
     mae.blocks[0].register_forward_hook(lambda m, inp, out: seen.append(("enc", inp[0].shape)))
@@ -189,9 +183,10 @@ def test_all_tokens_encoder_sees_every_patch():
     torch.testing.assert_close(loss, mae.forward_loss(imgs, pred, mask))
 
 
-def test_all_tokens_replaces_removed_patches_by_the_mask_token():
+def test_all_tokens_replaces_removed_patches_by_the_mask_token(tiny_mae):
     """Removed patches enter the encoder as the mask token: their pixels do not matter."""
-    mae = tiny_mae()
+    torch.manual_seed(0)
+    mae = tiny_mae(**TINY)
     wrapper = benchmark.AllTokensMAE(mae)
     imgs, noise = torch.randn(1, 3, 32, 32), torch.rand(1, 16)
     _, pred, mask = wrapper(imgs, noise=noise)
@@ -351,19 +346,18 @@ def test_make_jpegs(tmp_path):
     assert not torch.equal(arrays[0], arrays[1])
 
 
-def test_cli_smoke_all_modes_and_data(tmp_path):
+@pytest.mark.slow
+def test_cli_smoke_all_modes_and_data(tmp_path, run_script):
     benchmark.make_jpegs(str(tmp_path / "jpegs"), 8, (64, 48))
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "benchmark.py", "--device", "cpu", "--model", "mae_vit_tiny_patch16",
-           "--input_size", "32", "--patch_size", "8",
-           "--model_kwargs", json.dumps(dict(depth=2, decoder_depth=1)),
-           "--batch_size", "4", "--steps", "2", "--warmup", "1", "--modes", "all",
-           "--data_path", str(tmp_path / "jpegs"), "--num_workers", "1", "--n", "8", "--fast_decode",
-           "--num_classes", "10", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "MAE saving" in proc.stdout and "speedup" in proc.stdout
+    # run_script asserts the exit status 0
+    _, output = run_script("benchmark.py", "--device", "cpu", "--model", "mae_vit_tiny_patch16",
+                           "--input_size", "32", "--patch_size", "8",
+                           "--model_kwargs", json.dumps(dict(depth=2, decoder_depth=1)),
+                           "--batch_size", "4", "--steps", "2", "--warmup", "1", "--modes", "all",
+                           "--data_path", tmp_path / "jpegs", "--num_workers", "1", "--n", "8", "--fast_decode",
+                           "--num_classes", "10", "--json", out, timeout=120)
+    assert "MAE saving" in output and "speedup" in output
 
     report = json.loads(out.read_text())
     rows = {r["mode"]: r for r in report["rows"]}
@@ -375,7 +369,7 @@ def test_cli_smoke_all_modes_and_data(tmp_path):
     # the process's max RSS so far: it never goes down from one row to the next
     memory = [r["memory_mb"] for r in rows.values()]
     assert memory == sorted(memory)
-    assert "max RSS so far MB" in proc.stdout
+    assert "max RSS so far MB" in output
     assert rows["baseline"]["precision"] == "fp32" and rows["baseline"]["attention"] == "explicit"
     assert rows["fast"]["attention"] == "sdpa" and rows["fast"]["precision"] == "fp32"
     assert rows["baseline"]["speedup_vs_baseline"] == 1.0

@@ -1,6 +1,7 @@
 """Tests for util/datasets.py and util/crop.py on tiny images generated here."""
-import argparse
 import random
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -12,6 +13,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
+from conftest import REPO, SUBPROCESS_ENV
 from util import crop, datasets
 from util.datasets import (BadImageError, BadImageWarning, PretrainTransform, SeededSampler,
                            benchmark_transform, build_dataset, build_linprobe_transform,
@@ -49,46 +51,44 @@ def _reference_pretrain(size):
     ])
 
 
-def _args(**kw):
-    return argparse.Namespace(**kw)
-
-
 # ---------------------------------------------------------------------------------------------
 # transforms
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size", [32, 48, (32, 48)])
-def test_transform_shapes_and_dtypes(size):
+def test_transform_shapes_and_dtypes(size, make_args):
     h, w = (size, size) if isinstance(size, int) else size
     img = _noise_image(50, 70, seed=0)
-    outs = [build_pretrain_transform(_args(input_size=size))(img),
-            build_linprobe_transform(True, _args(input_size=size))(img),
-            build_linprobe_transform(False, _args(input_size=size))(img),
-            build_transform(True, _args(input_size=size))(img),
-            build_transform(False, _args(input_size=size))(img)]
+    pretrain, finetune, linprobe = (make_args(script, input_size=size)  # also (h, w), which no flag gives
+                                    for script in ("pretrain", "finetune", "linprobe"))
+    outs = [build_pretrain_transform(pretrain)(img),
+            build_linprobe_transform(True, linprobe)(img),
+            build_linprobe_transform(False, linprobe)(img),
+            build_transform(True, finetune)(img),
+            build_transform(False, finetune)(img)]
     for out in outs:
         assert out.shape == (3, h, w) and out.dtype == torch.float32
 
 
 @pytest.mark.parametrize("build", [
-    lambda s: build_pretrain_transform(_args(input_size=s)),
-    lambda s: build_linprobe_transform(True, _args(input_size=s)),
-    lambda s: build_linprobe_transform(False, _args(input_size=s)),
-    lambda s: build_transform(False, _args(input_size=s)),
+    lambda make_args, s: build_pretrain_transform(make_args("pretrain", "--input_size", s)),
+    lambda make_args, s: build_linprobe_transform(True, make_args("linprobe", "--input_size", s)),
+    lambda make_args, s: build_linprobe_transform(False, make_args("linprobe", "--input_size", s)),
+    lambda make_args, s: build_transform(False, make_args("finetune", "--input_size", s)),
 ])
-def test_normalisation_numbers(build):
+def test_normalisation_numbers(build, make_args):
     color = (255, 0, 128)
     img = Image.new("RGB", (40, 36), color)
-    out = build(32)(img)
+    out = build(make_args, 32)(img)
     expected = (torch.tensor(color, dtype=torch.float32).view(3, 1, 1) / 255 - MEAN) / STD
     torch.testing.assert_close(out, expected.expand(3, 32, 32), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("mode,ext", [("RGB", "jpg"), ("L", "png"), ("RGBA", "png"), ("P", "png")])
-def test_pretrain_transform_is_bit_identical_to_torchvision(tmp_path, mode, ext):
+def test_pretrain_transform_is_bit_identical_to_torchvision(tmp_path, mode, ext, make_args):
     path = tmp_path / f"img.{ext}"
     _noise_image(45, 61, seed=1, mode=mode).save(path)
-    fast, ref = build_pretrain_transform(_args(input_size=32)), _reference_pretrain(32)
+    fast, ref = build_pretrain_transform(make_args("pretrain", "--input_size", 32)), _reference_pretrain(32)
     for seed in range(24):
         torch.manual_seed(seed)
         with Image.open(path) as img:
@@ -152,28 +152,29 @@ def test_fast_decode_drafts_only_large_jpeg_crops(tmp_path):
         assert fast.shape == exact.shape and (fast - exact).abs().mean() < 0.05
 
 
-def test_eval_transform_resize_and_crop():
-    t = build_transform(False, _args(input_size=32))
+def test_eval_transform_resize_and_crop(make_args):
+    t = build_transform(False, make_args("finetune", "--input_size", 32))
     assert t.transforms[0].size == 36 and t.transforms[0].interpolation == InterpolationMode.BICUBIC
     assert t.transforms[1].size == (32, 32)
-    assert build_transform(False, _args(input_size=224)).transforms[0].size == 256
-    assert build_transform(False, _args(input_size=384)).transforms[0].size == 384  # no margin
-    assert build_linprobe_transform(False, _args(input_size=32)).transforms[0].size == 36
+    assert build_transform(False, make_args("finetune", "--input_size", 224)).transforms[0].size == 256
+    assert build_transform(False, make_args("finetune", "--input_size", 384)).transforms[0].size == 384  # no margin
+    assert build_linprobe_transform(False, make_args("linprobe", "--input_size", 32)).transforms[0].size == 36
 
 
-def test_finetune_train_transform_uses_timm_randaug_and_erasing():
-    names = [type(t).__name__ for t in build_transform(True, _args(input_size=32)).transforms]
+def test_finetune_train_transform_uses_timm_randaug_and_erasing(make_args):
+    names = [type(t).__name__ for t in build_transform(True, make_args("finetune", "--input_size", 32)).transforms]
     assert names[0] == "RandomResizedCropAndInterpolation" and "RandAugment" in names
-    erasing = build_transform(True, _args(input_size=32)).transforms[-1]
+    erasing = build_transform(True, make_args("finetune", "--input_size", 32)).transforms[-1]
     assert type(erasing).__name__ == "RandomErasing"
     assert erasing.probability == 0.25 and erasing.mode == "pixel" and erasing.max_count == 1
-    custom = build_transform(True, _args(input_size=32, aa=None, reprob=0.0, color_jitter=0.4))
+    custom = build_transform(True, make_args("finetune", "--input_size", 32, "--reprob", 0.0, "--color_jitter", 0.4,
+                                             aa=None))
     names = [type(t).__name__ for t in custom.transforms]
     assert "RandAugment" not in names and "ColorJitter" in names and "RandomErasing" not in names
 
 
-def test_linprobe_train_uses_tf_style_crop():
-    t = build_linprobe_transform(True, _args(input_size=32))
+def test_linprobe_train_uses_tf_style_crop(make_args):
+    t = build_linprobe_transform(True, make_args("linprobe", "--input_size", 32))
     assert isinstance(t.transforms[0], crop.RandomResizedCrop)
     assert t.transforms[0].interpolation == InterpolationMode.BICUBIC
     assert t.transforms[0].scale == (0.08, 1.0)
@@ -238,45 +239,45 @@ def test_crop_output_size():
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("data_path", [None, ""])
-def test_error_data_path_not_set(data_path):
+def test_error_data_path_not_set(data_path, make_args):
     with pytest.raises(ValueError, match="expected an ImageFolder layout"):
-        build_dataset(True, _args(data_path=data_path), None)
+        build_dataset(True, make_args("pretrain", data_path=data_path), None)
 
 
-def test_error_data_path_missing_or_not_a_folder(tmp_path):
+def test_error_data_path_missing_or_not_a_folder(tmp_path, make_args):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="does not exist.*expected an ImageFolder layout") as e:
-        build_dataset(True, _args(data_path=str(missing)), None)
+        build_dataset(True, make_args("pretrain", "--data_path", missing), None)
     assert str(missing) in str(e.value)
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     with pytest.raises(FileNotFoundError, match="not a folder") as e:
-        build_dataset(True, _args(data_path=str(a_file)), None)
+        build_dataset(True, make_args("pretrain", "--data_path", a_file), None)
     assert str(a_file) in str(e.value)
 
 
-def test_error_missing_split_folder(tmp_path):
+def test_error_missing_split_folder(tmp_path, make_args):
     _make_folder(tmp_path / "train")
-    ds = build_dataset(True, _args(data_path=str(tmp_path)), None)
+    ds = build_dataset(True, make_args("finetune", "--data_path", tmp_path), None)
     assert len(ds) == 8 and ds.classes == ["a", "b"]
     with pytest.raises(FileNotFoundError, match="no 'val' folder") as e:
-        build_dataset(False, _args(data_path=str(tmp_path)), None)
+        build_dataset(False, make_args("finetune", "--data_path", tmp_path), None)
     assert f"{tmp_path}/val/<class>/<image>" in str(e.value)
 
 
-def test_error_empty_class_folder(tmp_path):
+def test_error_empty_class_folder(tmp_path, make_args):
     _make_folder(tmp_path / "train")
     (tmp_path / "train" / "empty_class").mkdir()
     (tmp_path / "train" / "empty_class" / "notes.txt").write_text("not an image")
     with pytest.raises(FileNotFoundError, match="no images.*empty_class"):
-        build_dataset(True, _args(data_path=str(tmp_path)), None)
+        build_dataset(True, make_args("pretrain", "--data_path", tmp_path), None)
 
 
-def test_error_no_class_folders(tmp_path):
+def test_error_no_class_folders(tmp_path, make_args):
     (tmp_path / "train").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "train" / "loose.png")  # image without a class dir
     with pytest.raises(FileNotFoundError, match="no class folders.*expected an ImageFolder layout"):
-        build_dataset(True, _args(data_path=str(tmp_path)), None)
+        build_dataset(True, make_args("pretrain", "--data_path", tmp_path), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,10 +296,10 @@ def bad_root(tmp_path):
     return tmp_path, good
 
 
-def test_bad_images_raise_naming_the_file(bad_root):
+def test_bad_images_raise_naming_the_file(bad_root, make_args):
     root, _ = bad_root
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
-    ds = build_dataset(True, _args(data_path=str(root)), F.pil_to_tensor)
+    ds = build_dataset(True, make_args("pretrain", "--data_path", root), F.pil_to_tensor)
     names = [p.rsplit("/", 1)[-1] for p, _ in ds.samples]
     for bad in ("1_truncated.jpg", "x.jpg"):
         with pytest.raises(BadImageError, match=bad):
@@ -306,9 +307,9 @@ def test_bad_images_raise_naming_the_file(bad_root):
     assert ds[names.index("0.png")][0].shape == (3, 24, 24)
 
 
-def test_skip_bad_images_completes_an_epoch_with_good_images(bad_root):
+def test_skip_bad_images_completes_an_epoch_with_good_images(bad_root, make_args):
     root, good = bad_root
-    ds = build_dataset(True, _args(data_path=str(root), skip_bad_images=True), F.pil_to_tensor)
+    ds = build_dataset(True, make_args("pretrain", "--data_path", root, "--skip_bad_images"), F.pil_to_tensor)
     good_tensors = [F.pil_to_tensor(Image.open(p)) for p in good]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -322,10 +323,10 @@ def test_skip_bad_images_completes_an_epoch_with_good_images(bad_root):
     assert any("1_truncated.jpg" in m for m in messages) and any("x.jpg" in m for m in messages)
 
 
-def test_skip_bad_images_gives_up_when_all_are_bad(tmp_path):
+def test_skip_bad_images_gives_up_when_all_are_bad(tmp_path, make_args):
     (tmp_path / "train" / "c").mkdir(parents=True)
     (tmp_path / "train" / "c" / "x.jpg").write_text("nope")
-    ds = build_dataset(True, _args(data_path=str(tmp_path), skip_bad_images=True), None)
+    ds = build_dataset(True, make_args("pretrain", "--data_path", tmp_path, "--skip_bad_images"), None)
     with pytest.warns(BadImageWarning), pytest.raises(BadImageError, match="no readable image"):
         ds[0]
 
@@ -335,10 +336,11 @@ def test_skip_bad_images_gives_up_when_all_are_bad(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def seeded_dataset(tmp_path_factory):
+def seeded_dataset(tmp_path_factory, make_args):
     root = tmp_path_factory.mktemp("seeded")
     _make_folder(root / "train", per_class=6, size=(30, 40))
-    return build_dataset(True, _args(data_path=str(root)), build_pretrain_transform(_args(input_size=16)))
+    args = make_args("pretrain", "--data_path", root, "--input_size", 16)
+    return build_dataset(True, args, build_pretrain_transform(args))
 
 
 def _epochs(dataset, sampler, epochs, **loader_kw):
@@ -390,12 +392,12 @@ def test_seeded_getitem_leaves_global_rngs_alone(seeded_dataset):
     assert not torch.equal(seeded_dataset[(3, 54321)][0], a)
 
 
-def test_set_start_yields_the_tail():
+def test_set_epoch_start_yields_the_tail():
     sampler = SeededSampler(RandomSampler(range(20)), seed=1)
     sampler.set_epoch(2)
     full = list(sampler)
     assert sorted(i for i, _ in full) == list(range(20)) and len(sampler) == 20
-    sampler.set_start(7)
+    sampler.set_epoch(2, start=7)
     assert len(sampler) == 13 and list(sampler) == full[7:]
     assert repr(sampler) == "SeededSampler(RandomSampler, seed=1, epoch=2, start=7)"
     sampler.set_epoch(3)  # resets the start
@@ -439,40 +441,41 @@ def test_wraps_distributed_sampler():
 # DataLoaders of the training scripts
 # ---------------------------------------------------------------------------------------------
 
-def _loader_args(**kw):
-    args = dict(distributed=False, dist_eval=False, seed=3, batch_size=5, num_workers=0, pin_mem=True,
-                device="cpu", eval=False)
-    args.update(kw)
-    return _args(**args)
+def _loader_args(make_args, *flags):
+    """main_finetune's arguments of a single process on the CPU: --seed 3, --batch_size 5,
+    --num_workers 0 (pin_mem and no dist_eval by default), then `flags`."""
+    return make_args("finetune", "--seed", 3, "--batch_size", 5, "--num_workers", 0, "--device", "cpu", *flags,
+                     distributed=False)
 
 
-def test_train_loader_is_seeded_drops_last_and_leaves_the_global_rng(seeded_dataset):
+def test_train_loader_is_seeded_drops_last_and_leaves_the_global_rng(seeded_dataset, make_args):
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    sampler, loader = build_train_loader(_loader_args(), seeded_dataset)  # 12 images, batches of 5
+    sampler, loader = build_train_loader(_loader_args(make_args), seeded_dataset)  # 12 images, batches of 5
     assert isinstance(sampler, SeededSampler) and isinstance(sampler.sampler, RandomSampler)
     assert loader.sampler is sampler and not loader.pin_memory  # pinning only for CUDA
     sampler.set_epoch(1)
     batches = [images for images, _ in loader]
     assert [len(b) for b in batches] == [5, 5]  # drop_last
     assert torch.equal(torch.rand(3), expected)  # iterating drew nothing from the global RNG
-    again = [images for images, _ in build_train_loader(_loader_args(), seeded_dataset)[1]]
+    again = [images for images, _ in build_train_loader(_loader_args(make_args), seeded_dataset)[1]]
     assert not all(torch.equal(a, b) for a, b in zip(batches, again))  # epoch 0 != epoch 1
-    sampler2, loader2 = build_train_loader(_loader_args(), seeded_dataset)
+    sampler2, loader2 = build_train_loader(_loader_args(make_args), seeded_dataset)
     sampler2.set_epoch(1)
     assert all(torch.equal(a, b) for a, b in zip(batches, [images for images, _ in loader2]))
 
 
-def test_train_loader_with_fewer_images_than_a_batch(seeded_dataset):
+def test_train_loader_with_fewer_images_than_a_batch(seeded_dataset, make_args):
     with pytest.raises(ValueError, match="12 training images are fewer than one batch of --batch_size 13"):
-        build_train_loader(_loader_args(batch_size=13), seeded_dataset)
-    _, loader = build_train_loader(_loader_args(batch_size=13, eval=True), seeded_dataset)  # --eval
+        build_train_loader(_loader_args(make_args, "--batch_size", 13), seeded_dataset)
+    eval_args = _loader_args(make_args, "--batch_size", 13, "--eval")
+    _, loader = build_train_loader(eval_args, seeded_dataset, training=not eval_args.eval)  # --eval
     assert len(loader) == 0
 
 
-def test_val_loader_is_in_order_and_keeps_the_last_batch(seeded_dataset):
-    loader = build_val_loader(_loader_args(), seeded_dataset)
+def test_val_loader_is_in_order_and_keeps_the_last_batch(seeded_dataset, make_args):
+    loader = build_val_loader(_loader_args(make_args), seeded_dataset)
     assert isinstance(loader.sampler, SequentialSampler)
     assert [len(targets) for _, targets in loader] == [5, 5, 2]
     assert torch.cat([t for _, t in loader]).tolist() == seeded_dataset.targets
@@ -500,9 +503,42 @@ def test_randaugment_posterize_to_zero_bits_gives_black_not_an_error():
     """'rand-m9-mstd0.5-inc1' draws PosterizeIncreasing with 0 bits kept when the jittered
     magnitude hits 10; Pillow >= 11 raises there, the original's Pillow returned black."""
     from timm.data.auto_augment import AugmentOp
+    datasets.use_posterize_with_zero_bits()  # what build_transform does first
     img = Image.fromarray((np.arange(48 * 48 * 3) % 256).astype(np.uint8).reshape(48, 48, 3))
     op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10, hparams={"magnitude_std": 0})
     out = np.asarray(op(img))
     assert out.shape == (48, 48, 3) and out.max() == 0
     op4 = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5, hparams={"magnitude_std": 0})
     assert np.all(np.asarray(op4(img)) % 64 == 0)  # 2 bits kept
+
+
+POSTERIZE_OPS = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
+
+
+def test_finetune_transform_patches_posterize_and_importing_does_not(make_args, monkeypatch):
+    """The Pillow >= 11 posterize fix is applied by build_transform(True, args), not when
+    util.datasets is imported: other users of timm in the process keep timm's own ops."""
+    from timm.data import auto_augment
+    for name in POSTERIZE_OPS:  # timm's own ops, whatever an earlier test built (restored afterwards)
+        monkeypatch.setitem(auto_augment.NAME_TO_OP, name, auto_augment.posterize)
+    build_transform(False, make_args("finetune", "--input_size", 32))  # eval: no RandAugment, no patch
+    assert all(auto_augment.NAME_TO_OP[name] is auto_augment.posterize for name in POSTERIZE_OPS)
+
+    transform = build_transform(True, make_args("finetune", "--input_size", 32))
+    assert all(auto_augment.NAME_TO_OP[name] is datasets._posterize for name in POSTERIZE_OPS)
+    # the RandAugment of this transform posterizes with 0 bits kept into a black image
+    (randaug,) = [t for t in transform.transforms if type(t).__name__ == "RandAugment"]
+    (op,) = [op for op in randaug.ops if op.name == "PosterizeIncreasing"]
+    assert op.aug_fn is datasets._posterize
+    img = Image.fromarray((np.arange(48 * 48 * 3) % 256).astype(np.uint8).reshape(48, 48, 3))
+    zero_bits = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10, hparams={"magnitude_std": 0})
+    assert zero_bits.aug_fn is datasets._posterize and np.asarray(zero_bits(img)).max() == 0
+
+    # a fresh interpreter that only imports util.datasets keeps timm's posterize
+    code = ("import util.datasets; from timm.data import auto_augment; "
+            f"print(*[auto_augment.NAME_TO_OP[name].__module__ for name in {POSTERIZE_OPS!r}])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    modules = proc.stdout.split()
+    assert len(modules) == 3 and "util.datasets" not in modules, proc.stdout

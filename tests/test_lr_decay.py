@@ -3,23 +3,20 @@ import math
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 from util.lr_decay import get_layer_id_for_vit, param_group_names_lrd, param_groups_lrd
 
 DEPTH = 12
 NUM_LAYERS = DEPTH + 1  # 13
-
-
-def tiny_vit():
-    torch.manual_seed(0)
-    return VisionTransformer(img_size=32, patch_size=16, embed_dim=48, depth=DEPTH, num_heads=3,
-                             num_classes=10, global_pool="avg")
+# conftest's tiny_vit (a timm VisionTransformer, 32 px, 16 px patches, global average pool) 48
+# wide with 12 blocks of 3 heads and 10 classes; built after torch.manual_seed(0)
+VIT = dict(embed_dim=48, depth=DEPTH, num_heads=3, num_classes=10)
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_vit()
+def model(tiny_vit):
+    torch.manual_seed(0)
+    return tiny_vit(**VIT)
 
 
 def adjust_lr(optimizer, lr):
@@ -113,8 +110,9 @@ def test_one_dim_params_get_no_weight_decay_even_without_list(model):
     assert group_of(groups, model.pos_embed)["lr_scale"] == pytest.approx(0.5 ** 13)
 
 
-def test_frozen_params_are_excluded():
-    m = tiny_vit()
+def test_frozen_params_are_excluded(tiny_vit):
+    torch.manual_seed(0)
+    m = tiny_vit(**VIT)
     m.pos_embed.requires_grad_(False)  # as MAE's fixed sin-cos embedding
     for p in m.blocks[3].parameters():
         p.requires_grad_(False)
@@ -137,8 +135,9 @@ def test_agrees_with_timm_layer_decay(model):
         assert a["weight_decay"] == b["weight_decay"]
 
 
-def test_adamw_accepts_groups_and_schedule_sets_scaled_lr():
-    model = tiny_vit()  # stepped below: not the shared fixture
+def test_adamw_accepts_groups_and_schedule_sets_scaled_lr(make_args, tiny_vit):
+    torch.manual_seed(0)
+    model = tiny_vit(**VIT)  # stepped below: not the shared fixture
     try:
         from util.lr_sched import adjust_learning_rate
     except ImportError:
@@ -148,8 +147,7 @@ def test_adamw_accepts_groups_and_schedule_sets_scaled_lr():
     assert len(opt.param_groups) == 2 * (NUM_LAYERS + 1)
 
     if adjust_learning_rate is not None:
-        from types import SimpleNamespace
-        args = SimpleNamespace(lr=4e-3, min_lr=1e-6, warmup_epochs=5, epochs=50)
+        args = make_args("finetune", "--min_lr", 1e-6, "--warmup_epochs", 5, "--epochs", 50, lr=4e-3)
         adjust_learning_rate(opt, 5.0, args)  # end of warmup: the peak lr
     else:
         adjust_lr(opt, 4e-3)

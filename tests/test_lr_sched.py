@@ -1,5 +1,4 @@
 """util/lr_sched.adjust_learning_rate against values worked out by hand."""
-import argparse
 import math
 
 import pytest
@@ -15,7 +14,10 @@ def make_optimizer():
                             {"params": [p3], "lr_scale": 0.25}], lr=123.0)
 
 
-ARGS = argparse.Namespace(lr=0.1, min_lr=0.001, warmup_epochs=5, epochs=25)
+@pytest.fixture(scope="module")
+def args(make_args):
+    """lr 0.1 (resolved), min_lr 0.001, 5 warmup epochs of 25."""
+    return make_args("pretrain", "--min_lr", 0.001, "--warmup_epochs", 5, "--epochs", 25, lr=0.1)
 
 
 @pytest.mark.parametrize("epoch, expected", [
@@ -27,25 +29,25 @@ ARGS = argparse.Namespace(lr=0.1, min_lr=0.001, warmup_epochs=5, epochs=25)
     (15.0, 0.001 + 0.099 * 0.5),     # cosine middle
     (25.0, 0.001),                   # end of schedule = min_lr
 ])
-def test_schedule_values(epoch, expected):
+def test_schedule_values(epoch, expected, args):
     opt = make_optimizer()
-    lr = adjust_learning_rate(opt, epoch, ARGS)
+    lr = adjust_learning_rate(opt, epoch, args)
     assert lr == pytest.approx(expected, rel=1e-12, abs=1e-15)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([expected, expected * 0.5, expected * 0.25],
                                                                 rel=1e-12, abs=1e-15)
 
 
-def test_warmup_rises_and_cosine_falls():
+def test_warmup_rises_and_cosine_falls(args):
     opt = make_optimizer()
-    lrs = [adjust_learning_rate(opt, e / 10, ARGS) for e in range(0, 250)]
+    lrs = [adjust_learning_rate(opt, e / 10, args) for e in range(0, 250)]
     warm, cos = lrs[:51], lrs[50:]
     assert all(a < b for a, b in zip(warm, warm[1:]))
     assert all(a > b for a, b in zip(cos, cos[1:]))
     assert min(lrs) >= 0.0 and max(lrs) == pytest.approx(0.1)
 
 
-def test_no_warmup_starts_at_lr():
-    args = argparse.Namespace(lr=2.0, min_lr=0.0, warmup_epochs=0, epochs=10)
+def test_no_warmup_starts_at_lr(make_args):
+    args = make_args("pretrain", "--min_lr", 0.0, "--warmup_epochs", 0, "--epochs", 10, lr=2.0)
     opt = make_optimizer()
     assert adjust_learning_rate(opt, 0.0, args) == pytest.approx(2.0)
     assert opt.param_groups[1]["lr"] == pytest.approx(1.0)

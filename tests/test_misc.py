@@ -1,51 +1,36 @@
-"""util/misc.py and util/args.py: logging without host syncs, grad scaler, precision, atomic and
-safe checkpoints, RNG capture, resume (whole and mid-epoch), auto-resume, distributed helpers."""
+"""util/misc.py (and the flags of util/args.py): logging without host syncs (SmoothedValue,
+MetricLogger, TrainingLog), the grad scaler, precision, and the plumbing the three scripts share
+(init_run, print_model, epochs_to_train, the TensorBoard writer, log.txt, run)."""
 import argparse
 import builtins
-import contextlib
 import json
 import os
-import pickle
 import random
 import re
-import signal
-import socket
-import subprocess
-import sys
-import textwrap
-import time
-import types
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from util import misc
+from conftest import LAUNCHER_VARS, REPO
+from util import checkpoint, misc
 from util.args import add_common_args, resolve_lr
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from util.checkpoint import ResumePoint
 
 
 @pytest.fixture(autouse=True)
 def restore_print_and_rng(monkeypatch):
-    """init_distributed_mode replaces builtins.print and tests reseed the global RNGs: undo both."""
+    """init_run replaces builtins.print (init_distributed_mode) and reseeds the global RNGs: undo both."""
     monkeypatch.setattr(builtins, "print", builtins.print)
-    state = misc.get_rng_state()
+    state = checkpoint.get_rng_state()
     yield
-    misc.set_rng_state(state)
+    checkpoint.set_rng_state(state)
 
 
 def draws():
     """One draw from each global RNG (torch, numpy incl. its cached gaussian, python)."""
     return torch.rand(4).tolist(), np.random.randn(3).tolist(), np.random.rand(2).tolist(), random.random()
-
-
-class Evil:
-    """An arbitrary class: unpickling it must be refused by the safe loader."""
-
-    def __init__(self, payload):
-        self.payload = payload
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,14 +52,12 @@ def test_common_args_defaults_and_aliases():
         parser.parse_args(["--precision", "fp8"])
 
 
-def test_resolve_lr_scales_with_effective_batch(capsys):
-    parser = add_common_args(argparse.ArgumentParser())
-    args = parser.parse_args(["--batch_size", "32", "--accum_iter", "2", "--blr", "1.5e-4"])
-    args.world_size = 8
+def test_resolve_lr_scales_with_effective_batch(capsys, make_args):
+    args = make_args("pretrain", "--batch_size", "32", "--accum_iter", "2", "--blr", "1.5e-4", world_size=8)
     assert resolve_lr(args) == pytest.approx(1.5e-4 * 512 / 256)
     out = capsys.readouterr().out
     assert "effective batch size: 512" in out and "actual lr: 3.00e-04" in out
-    args = parser.parse_args(["--lr", "0.5"])
+    args = make_args("pretrain", "--lr", "0.5")
     assert resolve_lr(args) == 0.5 and args.lr == 0.5
 
 
@@ -130,6 +113,133 @@ def test_metric_logger_log_every_with_start_iter(capsys):
     assert logger.loss.global_avg == 2.0
     with pytest.raises(AttributeError):
         logger.nonexistent
+
+
+def test_metric_logger_averages():
+    logger = misc.MetricLogger()
+    logger.add_meter("unused", misc.SmoothedValue())  # saw no value: left out
+    logger.update(loss=torch.tensor(1.0), lr=0.5, skipped=None)
+    logger.update(loss=torch.tensor(2.0), lr=0.25)
+    logger.meters["acc"].update(80.0, n=3)
+    logger.meters["acc"].update(40.0, n=1)
+    averages = logger.averages()
+    assert averages == {"loss": 1.5, "lr": 0.375, "acc": 70.0}  # global (sample-weighted) averages
+    assert all(type(v) is float for v in averages.values())
+    assert misc.MetricLogger().averages() == {}
+
+
+def test_is_log_point_matches_log_every(capsys):
+    assert [i for i in range(10) if misc.is_log_point(i, 0, 10, 4)] == [0, 4, 8, 9]
+    assert [i for i in range(3, 10) if misc.is_log_point(i, 3, 10, 4)] == [3, 4, 8, 9]
+    for _ in misc.MetricLogger().log_every(range(7), 4, "E", start_iter=3):
+        pass
+    printed = re.findall(r"\[ ?(\d+)/10\]", capsys.readouterr().out)
+    assert printed == ["3", "4", "8", "9"]  # log_every prints where the engines sync
+
+
+class FakeWriter:
+    def __init__(self):
+        self.scalars, self.flushed, self.closed = [], False, False
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, step, value))
+
+    def flush(self):
+        self.flushed = True
+
+    def close(self):
+        self.closed = True
+
+
+def test_training_log_scalar_name_and_accumulation_boundaries(make_args):
+    every, boundaries = FakeWriter(), FakeWriter()
+    # accum_iter 1 (pretraining's default): every iteration
+    log = misc.TrainingLog(2, 0, 8, make_args("pretrain"), every, loss_name="train_loss")
+    for i in range(4):  # (iteration, lr, loss)
+        log.record(i, 0.1 * i, torch.tensor(float(i)))
+    log.sync()
+    meters = log.meters
+    assert meters.loss.count == 4 and meters.loss.global_avg == 1.5
+    assert [(tag, step) for tag, step, _ in every.scalars] == [
+        (tag, step) for step in (2000, 2125, 2250, 2375) for tag in ("train_loss", "lr")]
+    log = misc.TrainingLog(2, 0, 8, make_args("finetune", "--accum_iter", 2), boundaries, loss_name="loss")
+    for i in range(4):
+        log.record(i, 0.1 * i, torch.tensor(float(i)))
+    log.sync()
+    assert boundaries.scalars == [("loss", 2125, 1.0), ("lr", 2125, 0.1), ("loss", 2375, 3.0),
+                                  ("lr", 2375, pytest.approx(0.3))]  # accumulation ends
+
+
+def test_training_log_stops_at_the_first_non_finite_loss(make_args):
+    writer = FakeWriter()
+    log = misc.TrainingLog(1, 0, 10, make_args("pretrain"), writer)  # --log_freq 20: 5, 6, 7 are no log points
+    for i, loss in ((5, 1.0), (6, float("inf")), (7, 2.0)):
+        log.record(i, 0.1, torch.tensor(loss))
+    with pytest.raises(checkpoint.NonFiniteLossError, match="Loss is inf at epoch 1, iteration 6"):
+        log.sync()
+    meters = log.meters
+    assert meters.loss.count == 1 and [step for _, step, _ in writer.scalars] == [1500, 1500]
+
+
+def test_training_log_writes_grad_norm_at_optimizer_steps_only(make_args):
+    writer = FakeWriter()
+    log = misc.TrainingLog(0, 0, 8, make_args("finetune", "--accum_iter", 2), writer, loss_name="loss")
+    for i in range(6):
+        update_grad = (i + 1) % 2 == 0  # what the engines pass: the scaler's norm at a step, else None
+        grad_norm = torch.tensor(10.0 * i) if update_grad else None
+        log.record(i, 0.5, torch.tensor(float(i)), grad_norm=grad_norm)
+    log.sync()
+    norms = [(step, value) for tag, step, value in writer.scalars if tag == "grad_norm"]
+    assert norms == [(125, 10.0), (375, 30.0), (625, 50.0)]  # x = (epoch + i / 8) * 1000 at i = 1, 3, 5
+    assert [(tag, step) for tag, step, _ in writer.scalars] == [
+        (tag, step) for step in (125, 375, 625) for tag in ("loss", "lr", "grad_norm")]
+    assert [value for tag, _, value in writer.scalars if tag == "loss"] == [1.0, 3.0, 5.0]
+    # a norm given at every iteration (accum_iter 1) is logged at every iteration, each its own value
+    writer = FakeWriter()
+    log = misc.TrainingLog(0, 0, 4, make_args("pretrain"), writer, loss_name="train_loss")
+    for i in range(3):
+        log.record(i, 0.5, torch.tensor(float(i)), grad_norm=torch.tensor(float(i + 100)))
+    log.sync()
+    assert [(step, value) for tag, step, value in writer.scalars if tag == "grad_norm"] == [
+        (0, 100.0), (250, 101.0), (500, 102.0)]
+    writer = FakeWriter()
+    log = misc.TrainingLog(0, 0, 4, make_args("pretrain"), writer)
+    log.record(0, 0.5, torch.tensor(1.0))  # no norm: no grad_norm scalar
+    assert [tag for tag, _, _ in writer.scalars] == ["loss", "lr"]
+
+
+def test_training_log_syncs_at_log_points_and_on_request_only(make_args):
+    writer = FakeWriter()
+    log = misc.TrainingLog(0, 0, 10, make_args("pretrain", "--log_freq", 4), writer)
+    synced = []  # the loss meter's count after each record: it only grows at a sync
+    for i in range(10):
+        log.record(i, 0.1, torch.tensor(float(i)), sync=i == 6)
+        synced.append(log.meters.loss.count)
+    # log points 0, 4, 8 and 9 (the last), and 6 (sync=True, e.g. before a mid-epoch checkpoint)
+    assert synced == [1, 1, 1, 1, 5, 5, 7, 7, 9, 10]
+    assert [step for tag, step, _ in writer.scalars if tag == "loss"] == [i * 100 for i in range(10)]
+    # joined mid-epoch at iteration 3: the first iteration is a log point
+    log = misc.TrainingLog(0, 3, 10, make_args("pretrain", "--log_freq", 4), FakeWriter())
+    log.record(3, 0.1, torch.tensor(1.0))
+    assert log.meters.loss.count == 1
+    # the losses between log points stay on the device: meta tensors (no data) are never read
+    log = misc.TrainingLog(0, 0, 10, make_args("pretrain", "--log_freq", 4), FakeWriter())
+    log.record(0, 0.1, torch.tensor(1.0))
+    for i in (1, 2, 3):
+        log.record(i, 0.1, torch.tensor(1.0, device="meta"), grad_norm=torch.tensor(1.0, device="meta"))
+    assert log.meters.loss.count == 1
+    with pytest.raises(NotImplementedError, match="meta"):
+        log.sync()  # an explicit sync reads them (here: data-less tensors)
+
+
+def test_training_log_finish_returns_the_epoch_averages(make_args, capsys):
+    log = misc.TrainingLog(0, 0, 4, make_args("pretrain"), None)
+    for i, (lr, loss) in enumerate(((0.1, 1.0), (0.2, 2.0), (0.3, 6.0))):  # a loader shorter than its len()
+        log.record(i, lr, torch.tensor(loss))
+    assert log.meters.loss.count == 1  # only iteration 0 was a log point
+    stats = log.finish()
+    assert stats == pytest.approx({"lr": 0.2, "loss": 3.0})
+    assert "Averaged stats: lr: 0.300000  loss: 2.0000 (3.0000)" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,395 +345,6 @@ def test_get_grad_norm_inf_and_empty():
     assert misc.get_grad_norm_(p).item() == pytest.approx(21 ** 0.5)
 
 
-def test_non_finite_loss_error_message():
-    err = misc.NonFiniteLossError(float("nan"), epoch=3, iteration=17)
-    assert isinstance(err, RuntimeError)
-    assert "epoch 3" in str(err) and "iteration 17" in str(err) and "nan" in str(err)
-    assert str(pickle.loads(pickle.dumps(err))) == str(err)
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic save and RNG state
-# ---------------------------------------------------------------------------------------------
-
-SAVER = textwrap.dedent("""
-    import sys, torch
-    from util.misc import atomic_save
-    path = sys.argv[1]
-    for i in range(10 ** 6):
-        print(i, flush=True)  # saves 0 .. i - 1 are complete
-        atomic_save({"epoch": i, "data": torch.full((6_000_000,), float(i))}, path)
-""")
-
-
-def test_atomic_save_survives_sigkill(tmp_path):
-    path = tmp_path / "checkpoint-last.pth"
-    temp_names, killed_mid_save = set(), []
-    for _ in range(2):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], cwd=REPO, stdout=subprocess.PIPE,
-                                text=True, env=dict(os.environ, PYTHONPATH=REPO))
-        try:
-            assert proc.stdout.readline().strip() == "0"
-            assert proc.stdout.readline().strip() == "1"  # save 0 is complete, save 1 starts
-            tmp_name = tmp_path / f".{path.name}.tmp-{proc.pid}"
-            temp_names.add(tmp_name.name)
-            deadline = time.time() + 20
-            while not tmp_name.exists() and time.time() < deadline:  # wait until a save is in progress
-                time.sleep(0.0002)
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait()
-        assert proc.returncode == -signal.SIGKILL
-        killed_mid_save.append(tmp_name.exists())
-        ckpt = misc.load_checkpoint(path)  # the final name always holds a complete save
-        assert ckpt["epoch"] >= 0 and torch.equal(ckpt["data"], torch.full((6_000_000,), float(ckpt["epoch"])))
-        names = set(os.listdir(tmp_path))
-        assert names <= {path.name} | temp_names, names  # nothing else, in particular no half *.pth
-    assert any(killed_mid_save)  # the kill did land inside a save
-    assert misc.find_latest_checkpoint(str(tmp_path)) == str(path)  # leftovers are never candidates
-
-
-def test_atomic_save_failure_keeps_old_file(tmp_path):
-    path = tmp_path / "x.pth"
-    misc.atomic_save({"v": 1}, path)
-
-    class Unpicklable:
-        def __reduce__(self):
-            raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        misc.atomic_save({"v": 2, "bad": Unpicklable()}, path)
-    assert torch.load(path, weights_only=True) == {"v": 1}
-    assert os.listdir(tmp_path) == ["x.pth"]  # the temp file was removed
-
-
-def test_rng_state_round_trip(tmp_path):
-    misc.seed_everything(123)
-    np.random.randn(1)  # leaves a cached gaussian in numpy's legacy state
-    state = misc.get_rng_state()
-    expected = draws()
-    misc.set_rng_state(state)
-    assert draws() == expected
-    misc.seed_everything(0)
-    assert draws() != expected
-    misc.atomic_save({"rng": [state]}, tmp_path / "rng.pth")
-    loaded = misc.load_checkpoint(tmp_path / "rng.pth")  # weights_only=True
-    misc.set_rng_state(loaded["rng"][0])
-    assert draws() == expected
-
-
-def test_seed_everything_is_deterministic():
-    misc.seed_everything(7)
-    a = draws()
-    misc.seed_everything(7)
-    assert draws() == a
-    misc.seed_everything(8)
-    assert draws() != a
-
-
-# ---------------------------------------------------------------------------------------------
-# Safe loading and compatibility checks
-# ---------------------------------------------------------------------------------------------
-
-
-def test_load_checkpoint_refuses_arbitrary_class(tmp_path):
-    path = tmp_path / "evil.pth"
-    torch.save({"model": {"w": torch.ones(2)}, "extra": Evil("rm -rf")}, path)
-    with pytest.raises(RuntimeError) as info:
-        misc.load_checkpoint(path)
-    msg = str(info.value)
-    assert "Evil" in msg and "--unsafe_load" in msg and str(path) in msg and "code" in msg
-    ckpt = misc.load_checkpoint(path, unsafe=True)
-    assert isinstance(ckpt["extra"], Evil) and ckpt["extra"].payload == "rm -rf"
-
-
-def test_load_checkpoint_original_release_layout(tmp_path):
-    model, _ = tiny_problem()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
-    model(torch.randn(2, 6)).sum().backward()
-    opt.step()
-    scaler = torch.amp.GradScaler("cpu")
-    orig_args = argparse.Namespace(batch_size=64, epochs=800, model="mae_vit_large_patch16", lr=None, blr=1.5e-4,
-                                   mask_ratio=0.75, norm_pix_loss=True, distributed=True, dist_backend="nccl",
-                                   gpu=0, rank=0, world_size=64, output_dir="./output_dir", pin_mem=True)
-    path = tmp_path / "checkpoint-399.pth"
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 399,
-                "scaler": scaler.state_dict(), "args": orig_args}, path)
-    ckpt = misc.load_checkpoint(path)
-    assert ckpt["args"] == orig_args and ckpt["epoch"] == 399
-    # resuming from it: no step / rng entries in the original's checkpoints
-    new_model, _ = tiny_problem(seed=1)
-    new_opt = torch.optim.AdamW(new_model.parameters(), lr=1e-3, betas=(0.9, 0.95))
-    args = argparse.Namespace(resume=str(path), start_epoch=0)
-    assert misc.load_model(args, new_model, new_opt, misc.NativeScalerWithGradNormCount(True, "cpu")) == {}
-    assert (args.start_epoch, args.start_iter) == (400, 0)
-    for a, b in zip(model.parameters(), new_model.parameters()):
-        assert torch.equal(a, b)
-
-
-def test_load_checkpoint_missing_path(tmp_path):
-    missing = tmp_path / "nope" / "checkpoint-7.pth"
-    with pytest.raises(FileNotFoundError, match="checkpoint-7.pth"):
-        misc.load_checkpoint(missing)
-
-
-def test_check_state_dict_compat():
-    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
-    good = model.state_dict()
-    assert misc.check_state_dict_compat(model, good) is None
-    bad = {"0.weight": torch.zeros(3, 5), "0.bias": torch.zeros(3), "decoder.w": torch.zeros(1)}
-    with pytest.raises(ValueError) as info:
-        misc.check_state_dict_compat(model, bad)
-    msg = str(info.value)
-    assert "0.weight: checkpoint (3, 5) vs model (3, 4)" in msg
-    assert "missing keys (2): 1.weight, 1.bias" in msg
-    assert "unexpected keys (1): decoder.w" in msg
-    assert "another architecture / patch size / image size" in msg
-    ok = dict(good, **{"decoder.w": torch.zeros(1)})
-    del ok["1.bias"]
-    assert misc.check_state_dict_compat(model, ok, allowed_missing=("1.*",),
-                                        allowed_unexpected=("decoder*",)) is None
-    many = {f"extra.{i}": torch.zeros(1) for i in range(25)}
-    with pytest.raises(ValueError, match=r"unexpected keys \(25\): .*and 15 more"):
-        misc.check_state_dict_compat(model, dict(good, **many))
-
-
-# ---------------------------------------------------------------------------------------------
-# save_model / load_model / auto-resume
-# ---------------------------------------------------------------------------------------------
-
-
-class Noisy(nn.Module):
-    """Tiny model whose training uses every global RNG (dropout, numpy, random)."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.3), nn.GELU(), nn.Linear(16, 1))
-
-    def forward(self, x):
-        return self.net(x)
-
-
-def train(model, opt, scaler, args, epochs, steps=4, start_iter=0, stop_at=None):
-    """Toy training loop drawing its data from the global RNGs; optionally stops mid-epoch."""
-    for epoch in range(args.start_epoch, epochs):
-        if stop_at == (epoch, None):  # killed right after checkpoint-<epoch - 1>.pth was written
-            return None
-        for it in range(start_iter if epoch == args.start_epoch else 0, steps):
-            if stop_at == (epoch, it):  # killed right after a mid-epoch checkpoint-last.pth
-                return misc.save_model(args, epoch, model, opt, scaler, tag="last", step=it)
-            x = torch.randn(8, 6) * (1 + np.random.rand()) + random.random()
-            loss = model(x).pow(2).mean()
-            scaler(loss, opt, parameters=model.parameters())
-            opt.zero_grad()
-        misc.save_model(args, epoch, model, opt, scaler, extra={"max_accuracy": float(epoch)})
-
-
-def fresh(seed, output_dir, resume=""):
-    misc.check_output_dir(str(output_dir))
-    misc.seed_everything(seed)
-    model = Noisy()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
-    scaler = misc.NativeScalerWithGradNormCount(enabled=True, device_type="cpu")
-    args = argparse.Namespace(output_dir=str(output_dir), resume=resume, start_epoch=0, seed=seed,
-                              auto_resume=True, unsafe_load=False, device=torch.device("cpu"))
-    return model, opt, scaler, args
-
-
-def test_save_model_refuses_non_finite_weights(tmp_path):
-    model = nn.Linear(3, 2)
-    args = argparse.Namespace(output_dir=str(tmp_path))
-    misc.save_model(args, 0, model, None, None)
-    good = (tmp_path / "checkpoint-0.pth").read_bytes()
-    with torch.no_grad():
-        model.weight[1, 2] = float("nan")
-    with pytest.raises(misc.NonFiniteLossError, match=r"non-finite values after epoch 0, iteration 5"):
-        misc.save_model(args, 0, model, None, None, tag="last", step=5)
-    with pytest.raises(misc.NonFiniteWeightsError, match=r"after epoch 0, iteration end"):
-        misc.save_model(args, 0, model, None, None)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-0.pth"]  # nothing new, no temp file
-    assert (tmp_path / "checkpoint-0.pth").read_bytes() == good  # the good checkpoint is untouched
-
-
-def test_save_load_round_trip(tmp_path):
-    model, opt, scaler, args = fresh(0, tmp_path)
-    train(model, opt, scaler, args, epochs=2)
-    path = misc.save_model(args, 5, model, opt, scaler, extra={"max_accuracy": 81.5})
-    assert path == str(tmp_path / "checkpoint-5.pth")
-    after_save = draws()
-    ckpt = misc.load_checkpoint(path)
-    assert ckpt["args"].device == "cpu"  # non-builtin args values are stored as text
-    assert ckpt["step"] is None and len(ckpt["rng"]) == 1
-
-    model2, opt2, scaler2, args2 = fresh(1, tmp_path, resume=path)
-    assert misc.load_model(args2, model2, opt2, scaler2) == {"max_accuracy": 81.5}
-    assert draws() == after_save  # RNG continues where the saving run was
-    assert (args2.start_epoch, args2.start_iter) == (6, 0)
-    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
-        assert torch.equal(a, b)
-    s1, s2 = opt.state_dict(), opt2.state_dict()
-    assert s1["param_groups"] == s2["param_groups"]
-    for k in s1["state"]:
-        for name in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(s1["state"][k][name], s2["state"][k][name])
-    assert scaler2.state_dict() == scaler.state_dict()
-
-    misc.save_model(args, 5, model, opt, scaler, tag="last", step=3)
-    model3, opt3, scaler3, args3 = fresh(2, tmp_path, resume=str(tmp_path / "checkpoint-last.pth"))
-    misc.load_model(args3, model3, opt3, scaler3)
-    assert (args3.start_epoch, args3.start_iter) == (5, 3)
-
-    model4, opt4, scaler4, args4 = fresh(3, tmp_path, resume=path)
-    args4.eval = True  # evaluation: weights only, no optimizer / epoch / RNG
-    misc.load_model(args4, model4, opt4, scaler4)
-    assert args4.start_epoch == 0 and opt4.state_dict()["state"] == {}
-    assert misc.load_model(argparse.Namespace(resume=""), model4, opt4, scaler4) == {}
-
-
-@pytest.mark.parametrize("stop_at", [(2, None), (1, 2)], ids=["epoch_boundary", "mid_epoch"])
-def test_resume_replays_uninterrupted_run(tmp_path, stop_at):
-    """Killed run + auto-resume gives bit-identical weights to a run that was never interrupted."""
-    model, opt, scaler, args = fresh(0, tmp_path / "straight")
-    train(model, opt, scaler, args, epochs=3)
-
-    out = tmp_path / "interrupted"
-    model_a, opt_a, scaler_a, args_a = fresh(0, out)
-    train(model_a, opt_a, scaler_a, args_a, epochs=3, stop_at=stop_at)
-    del model_a, opt_a, scaler_a  # the process dies here
-
-    model_b, opt_b, scaler_b, args_b = fresh(99, out)  # restarted with the same command line
-    misc.auto_resume(args_b)
-    extra = misc.load_model(args_b, model_b, opt_b, scaler_b)
-    assert (args_b.start_epoch, args_b.start_iter) == (stop_at[0], stop_at[1] or 0)
-    assert extra == ({"max_accuracy": 1.0} if stop_at[1] is None else {})
-    train(model_b, opt_b, scaler_b, args_b, epochs=3, start_iter=args_b.start_iter)
-    for a, b in zip(model.state_dict().values(), model_b.state_dict().values()):
-        assert torch.equal(a, b)
-
-
-def fake_ckpt(path, epoch, step=None):
-    misc.atomic_save({"model": {}, "epoch": epoch, "step": step, "args": argparse.Namespace(x=1)}, path)
-
-
-def test_find_latest_checkpoint(tmp_path, capsys):
-    assert misc.find_latest_checkpoint(str(tmp_path / "absent")) is None
-    assert misc.find_latest_checkpoint(str(tmp_path)) is None
-    fake_ckpt(tmp_path / "checkpoint-9.pth", 9)
-    fake_ckpt(tmp_path / "checkpoint-10.pth", 10)
-    fake_ckpt(tmp_path / "checkpoint-last.pth", 11, step=5)
-    fake_ckpt(tmp_path / ".checkpoint-30.pth.tmp-1234", 30)   # interrupted save: never a candidate
-    fake_ckpt(tmp_path / "checkpoint-best.pth", 40)            # not a resume candidate
-    (tmp_path / "checkpoint-20.pth").write_bytes(b"PK\x03\x04 truncated garbage")  # corrupt: skipped
-    assert misc.find_latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-last.pth")
-    out = capsys.readouterr().out
-    assert "checkpoint-20.pth" in out and ".checkpoint-30.pth.tmp-1234" in out
-    fake_ckpt(tmp_path / "checkpoint-last.pth", 10, step=7)  # epoch 10 complete is further along
-    assert misc.find_latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10.pth")
-
-    args = argparse.Namespace(auto_resume=True, resume="", output_dir=str(tmp_path))
-    assert misc.auto_resume(args) == str(tmp_path / "checkpoint-10.pth") == args.resume
-    args = argparse.Namespace(auto_resume=True, resume="given.pth", output_dir=str(tmp_path))
-    assert misc.auto_resume(args) == "given.pth"
-    args = argparse.Namespace(auto_resume=False, resume="", output_dir=str(tmp_path))
-    assert misc.auto_resume(args) == ""
-
-
-def test_auto_resume_skips_checkpoints_of_another_script_or_model(tmp_path, capsys):
-    """All three scripts default to ./output_dir: a finetuning run must not 'resume' from the
-    pretraining checkpoints there, nor a linear probe from a finetuning run's."""
-    def ckpt(name, epoch, **saved):
-        misc.atomic_save({"model": {}, "epoch": epoch, "args": argparse.Namespace(**saved)}, tmp_path / name)
-    ckpt("checkpoint-399.pth", 399, stage="pretrain", model="mae_vit_base_patch16")
-    ckpt("checkpoint-last.pth", 400, step=3, stage="finetune", model="vit_large_patch16")
-    ckpt("checkpoint-7.pth", 7, stage="finetune", model="vit_base_patch16")
-    ckpt("checkpoint-90.pth", 90, stage="linprobe", model="vit_base_patch16")
-    finetune = argparse.Namespace(auto_resume=True, resume="", output_dir=str(tmp_path), stage="finetune",
-                                  model="vit_base_patch16")
-    assert misc.auto_resume(finetune) == str(tmp_path / "checkpoint-7.pth")
-    out = capsys.readouterr().out
-    assert "checkpoint-399.pth" in out and "'pretrain' run, not 'finetune'" in out
-    assert "checkpoint-last.pth" in out and "'vit_large_patch16' run, not 'vit_base_patch16'" in out
-    linprobe = argparse.Namespace(**{**vars(finetune), "stage": "linprobe", "resume": ""})
-    assert misc.auto_resume(linprobe) == str(tmp_path / "checkpoint-90.pth")
-    pretrain = argparse.Namespace(**{**vars(finetune), "stage": "pretrain", "model": "mae_vit_large_patch16",
-                                     "resume": ""})
-    assert misc.auto_resume(pretrain) == ""  # nothing of its own: starts from scratch
-    ckpt("checkpoint-1.pth", 1)  # the original release's checkpoints carry no stage: accepted
-    assert misc.auto_resume(pretrain) == str(tmp_path / "checkpoint-1.pth")
-
-
-def test_check_output_dir(tmp_path):
-    target = tmp_path / "a" / "b"
-    misc.check_output_dir(str(target))
-    assert target.is_dir() and os.listdir(target) == []
-    (tmp_path / "file.txt").write_text("x")
-    blocked = tmp_path / "file.txt" / "sub"  # can never be created, even as root
-    with pytest.raises(RuntimeError, match="file.txt/sub"):
-        misc.check_output_dir(str(blocked))
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    try:
-        try:
-            (locked / "probe").write_text("x")
-            os.remove(locked / "probe")
-            writable = True
-        except PermissionError:
-            writable = False
-        if writable:
-            pytest.skip("running as root: permissions are not enforced")
-        with pytest.raises(RuntimeError, match="locked"):
-            misc.check_output_dir(str(locked))
-    finally:
-        locked.chmod(0o700)
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers
-# ---------------------------------------------------------------------------------------------
-
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
-
-
-def test_init_distributed_mode_single_process(monkeypatch):
-    for var in LAUNCHER_VARS:
-        monkeypatch.delenv(var, raising=False)
-    args = argparse.Namespace(device="cuda" if not torch.cuda.is_available() else "cpu", dist_url="env://",
-                              dist_timeout=30, local_rank=-1)
-    misc.init_distributed_mode(args)
-    assert (args.distributed, args.rank, args.world_size, args.gpu) == (False, 0, 1, 0)
-    assert args.device == "cpu"  # CUDA asked for but absent: falls back with a warning
-    assert misc.get_rank() == 0 and misc.get_world_size() == 1 and misc.is_main_process()
-    assert misc.all_reduce_mean(2.5) == 2.5
-
-
-def test_slurm_master_addr_without_scontrol(monkeypatch):
-    monkeypatch.setattr(misc.shutil, "which", lambda name: None)
-    for nodelist, host in [("gpu[03-05,9]", "gpu03"), ("node7,node8", "node7"), ("a-b[1,2]", "a-b1")]:
-        monkeypatch.setenv("SLURM_NODELIST", nodelist)
-        assert misc._slurm_master_addr() == host
-
-
-def test_launcher_env_from_torchrun_slurm_and_openmpi(monkeypatch):
-    for var in LAUNCHER_VARS + ("MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(var, raising=False)
-    args = argparse.Namespace(local_rank=-1, dist_on_itp=False)
-    assert misc._launcher_env(args) is None
-    monkeypatch.setattr(misc.shutil, "which", lambda name: None)
-    monkeypatch.setenv("SLURM_NODELIST", "gpu[12-13]")
-    for var, value in (("SLURM_PROCID", "11"), ("SLURM_NTASKS", "16"), ("SLURM_LOCALID", "3")):
-        monkeypatch.setenv(var, value)
-    assert misc._launcher_env(args) == (11, 16, 3)
-    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("gpu12", "29500")
-    for var, value in (("RANK", "5"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1")):
-        monkeypatch.setenv(var, value)
-    assert misc._launcher_env(args) == (5, 8, 1)  # torchrun's variables win over SLURM's
-    for var, value in (("OMPI_COMM_WORLD_RANK", "6"), ("OMPI_COMM_WORLD_SIZE", "32"),
-                       ("OMPI_COMM_WORLD_LOCAL_RANK", "2")):
-        monkeypatch.setenv(var, value)
-    assert misc._launcher_env(argparse.Namespace(local_rank=-1, dist_on_itp=True)) == (6, 32, 2)
-
-
 def test_auto_precision_on_gpus_with_and_without_native_bf16(monkeypatch):
     native = {"flag": True}
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
@@ -633,201 +354,66 @@ def test_auto_precision_on_gpus_with_and_without_native_bf16(monkeypatch):
     assert misc.resolve_precision("auto", "cuda") == "fp16"
 
 
-def test_setup_for_distributed_silences_non_master(capsys):
-    misc.setup_for_distributed(False)
-    print("hidden")
-    print("shown", force=True)
-    misc.setup_for_distributed(True)
-    print("master")
-    out = capsys.readouterr().out.splitlines()
-    assert len(out) == 2 and out[0].endswith("] shown") and out[1].endswith("] master")
-    assert out[0].startswith("[20")  # time stamp
-
-
-WORKER = textwrap.dedent("""
-    import argparse, json, os, sys, torch
-    from util import misc
-    out = sys.argv[1]
-    args = argparse.Namespace(device="cpu", dist_url="env://", dist_timeout=1, local_rank=-1,
-                              output_dir=out, resume="", start_epoch=0, auto_resume=True)
-    misc.init_distributed_mode(args)
-    mean = misc.all_reduce_mean(float(args.rank))
-    meter = misc.SmoothedValue()
-    meter.update(torch.tensor(float(args.rank + 1)), n=args.rank + 1)
-    meter.synchronize_between_processes()
-    misc.seed_everything(args.rank)
-    model = torch.nn.Linear(2, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    path = misc.save_model(args, 3, model, opt, None, step=1, tag="last")
-    expected = torch.rand(3).tolist()
-    torch.distributed.barrier()
-    misc.auto_resume(args)
-    misc.load_model(args, model, opt, None)
-    result = dict(rank=args.rank, world=args.world_size, distributed=args.distributed, mean=mean,
-                  count=meter.count, total=meter.total, path=path, resume=args.resume,
-                  replay=torch.rand(3).tolist() == expected, start=[args.start_epoch, args.start_iter])
-    json.dump(result, open(os.path.join(out, f"rank{args.rank}.json"), "w"))
-    torch.distributed.destroy_process_group()
-""")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_gloo(tmp_path):
-    """init from torchrun-style env on CPU (gloo), all_reduce_mean, meter sync, RNG gathered per rank."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", PYTHONPATH=REPO,
-               OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path)], cwd=REPO,
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    logs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], logs
-    results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
-    ckpt_path = str(tmp_path / "checkpoint-last.pth")
-    for r, res in enumerate(results):
-        assert (res["rank"], res["world"], res["distributed"], res["mean"]) == (r, 2, True, 0.5)
-        assert (res["count"], res["total"]) == (3, 5.0)  # 1*1 + 2*2 over 1 + 2 samples
-        assert res["resume"] == ckpt_path and res["start"] == [3, 1] and res["replay"]
-    assert results[0]["path"] == ckpt_path and results[1]["path"] is None
-    rng = misc.load_checkpoint(ckpt_path)["rng"]
-    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
-
-
 # ---------------------------------------------------------------------------------------------
 # Helpers shared by the training engines and the three scripts
 # ---------------------------------------------------------------------------------------------
 
-class FakeWriter:
-    def __init__(self):
-        self.scalars, self.flushed = [], False
 
-    def add_scalar(self, tag, value, step):
-        self.scalars.append((tag, step, value))
-
-    def flush(self):
-        self.flushed = True
-
-
-def test_sync_losses_scalar_name_and_accumulation_boundaries():
-    pending = [(i, 0.1 * i, torch.tensor(float(i))) for i in range(4)]  # (iteration, lr, loss)
-    every, boundaries = FakeWriter(), FakeWriter()
-    meters = misc.MetricLogger()
-    misc.sync_losses(pending, 2, 8, meters, every, loss_name="train_loss")  # pretrain: every iteration
-    assert meters.loss.count == 4 and meters.loss.global_avg == 1.5
-    assert [(tag, step) for tag, step, _ in every.scalars] == [
-        (tag, step) for step in (2000, 2125, 2250, 2375) for tag in ("train_loss", "lr")]
-    misc.sync_losses(pending, 2, 8, misc.MetricLogger(), boundaries, loss_name="loss", accum_iter=2)
-    assert boundaries.scalars == [("loss", 2125, 1.0), ("lr", 2125, 0.1), ("loss", 2375, 3.0),
-                                  ("lr", 2375, pytest.approx(0.3))]  # finetune: accumulation ends
-
-
-def test_sync_losses_stops_at_the_first_non_finite_loss():
-    pending = [(5, 0.1, torch.tensor(1.0)), (6, 0.1, torch.tensor(float("inf"))), (7, 0.1, torch.tensor(2.0))]
-    writer, meters = FakeWriter(), misc.MetricLogger()
-    with pytest.raises(misc.NonFiniteLossError, match="Loss is inf at epoch 1, iteration 6"):
-        misc.sync_losses(pending, 1, 10, meters, writer)
-    assert meters.loss.count == 1 and [step for _, step, _ in writer.scalars] == [1500, 1500]
-
-
-def test_is_log_point_matches_log_every(capsys):
-    assert [i for i in range(10) if misc.is_log_point(i, 0, 10, 4)] == [0, 4, 8, 9]
-    assert [i for i in range(3, 10) if misc.is_log_point(i, 3, 10, 4)] == [3, 4, 8, 9]
-    for _ in misc.MetricLogger().log_every(range(7), 4, "E", start_iter=3):
-        pass
-    printed = re.findall(r"\[ ?(\d+)/10\]", capsys.readouterr().out)
-    assert printed == ["3", "4", "8", "9"]  # log_every prints where the engines sync
-
-
-def test_unwrap_model_wrap_model_and_grad_sync():
-    model = nn.Linear(2, 2)
-    args = argparse.Namespace(distributed=False, compile=False, device="cpu", gpu=0)
-    assert misc.wrap_model(model, args) is model and misc.unwrap_model(model) is model
-    compiled = misc.wrap_model(model, argparse.Namespace(**{**vars(args), "compile": True}))
-    assert compiled is not model and misc.unwrap_model(compiled) is model
-
-    class NoSync(nn.Linear):
-        skipped = 0
-
-        @contextlib.contextmanager
-        def no_sync(self):
-            NoSync.skipped += 1
-            yield
-
-    ddp_like = NoSync(2, 2)
-    with misc.grad_sync(ddp_like, update_grad=True):
-        pass
-    assert NoSync.skipped == 0  # the update step all-reduces
-    with misc.grad_sync(ddp_like, update_grad=False):
-        pass
-    assert NoSync.skipped == 1  # accumulation steps skip the all-reduce
-    with misc.grad_sync(model, update_grad=False):  # no DDP: nothing to skip
-        pass
-
-
-def test_model_from_name():
-    zoo = types.ModuleType("zoo")
-    zoo.net_small = lambda **kwargs: ("small", kwargs)
-    zoo.net_big = lambda **kwargs: ("big", kwargs)
-    zoo.helper = lambda **kwargs: None
-    assert misc.model_from_name(zoo, "net_big", "net_", depth=2, patch_size=None) == ("big", {"depth": 2})
-    with pytest.raises(ValueError, match="unknown --model 'helper'; choose one of: net_big, net_small$"):
-        misc.model_from_name(zoo, "helper", "net_")
-
-
-def test_save_checkpoints_policy(tmp_path):
-    def run_epochs(folder, **kw):
-        folder.mkdir()
-        args = argparse.Namespace(**{**dict(output_dir=str(folder), epochs=6, save_freq=2,
-                                            save_every_iters=0), **kw})
-        model = nn.Linear(2, 2)
-        for epoch in range(args.epochs):
-            misc.save_checkpoints(args, epoch, model, None, None, extra={"max_accuracy": epoch},
-                                  improved=epoch in (1, 3))
-        return sorted(os.listdir(folder))
-
-    assert run_epochs(tmp_path / "a") == ["checkpoint-0.pth", "checkpoint-2.pth", "checkpoint-4.pth",
-                                          "checkpoint-5.pth", "checkpoint-best.pth"]  # + the last epoch
-    best = misc.load_checkpoint(tmp_path / "a" / "checkpoint-best.pth")
-    assert (best["epoch"], best["max_accuracy"]) == (3, 3)
-    assert run_epochs(tmp_path / "b", save_freq=0, save_every_iters=10) == [
-        "checkpoint-5.pth", "checkpoint-best.pth", "checkpoint-last.pth"]
-    last = misc.load_checkpoint(tmp_path / "b" / "checkpoint-last.pth")
-    assert (last["epoch"], last["step"]) == (5, None)  # a complete epoch
-    misc.save_checkpoints(argparse.Namespace(output_dir=""), 0, None, None, None, improved=True)  # no-op
-
-
-def test_write_log_and_create_log_writer(tmp_path):
-    args = argparse.Namespace(output_dir=str(tmp_path), log_dir="")
+def test_write_log_and_create_log_writer(tmp_path, make_args):
+    args = make_args("pretrain", "--output_dir", tmp_path, "--log_dir", "")
     writer = FakeWriter()
     misc.write_log(args, {"train_loss": 0.5, "epoch": 0}, writer)
     misc.write_log(args, {"epoch": 1})
     with open(tmp_path / "log.txt") as f:
         assert [json.loads(line) for line in f] == [{"train_loss": 0.5, "epoch": 0}, {"epoch": 1}]
     assert writer.flushed
-    misc.write_log(argparse.Namespace(output_dir=""), {"epoch": 2})  # no output_dir: nothing written
+    misc.write_log(make_args("pretrain", "--output_dir", ""), {"epoch": 2})  # no output_dir: nothing written
 
     assert misc.create_log_writer(args) is None  # no --log_dir
     tb = tmp_path / "tb"
-    assert misc.create_log_writer(argparse.Namespace(log_dir=str(tb), eval=True)) is None
-    writer = misc.create_log_writer(argparse.Namespace(log_dir=str(tb)))
+    assert misc.create_log_writer(make_args("finetune", "--log_dir", tb), training=False) is None  # --eval
+    writer = misc.create_log_writer(make_args("pretrain", "--log_dir", tb))
     writer.close()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tb))
 
 
-def test_run_exits_with_one_line_on_a_non_finite_loss(capsys):
+def test_log_epoch_writes_test_scalars_and_one_json_line(tmp_path, make_args):
+    args = make_args("finetune", "--output_dir", tmp_path)
+    writer = FakeWriter()
+    train_stats, test_stats = {"loss": 0.5, "lr": 1e-3}, {"acc1": 81.5, "acc5": 95.25, "loss": 0.75}
+    misc.log_epoch(args, writer, 3, train_stats, test_stats, n_parameters=1234)
+    assert writer.scalars == [("perf/test_acc1", 3, 81.5), ("perf/test_acc5", 3, 95.25),
+                              ("perf/test_loss", 3, 0.75)]  # x = epoch
+    assert writer.flushed
+    misc.log_epoch(args, FakeWriter(), 4, {"loss": 0.25, "lr": 2e-3})  # pretraining: no test metrics
+    misc.log_epoch(args, None, 5, {"loss": 0.125, "lr": 3e-3}, test_stats)  # rank > 0 / no --log_dir
+    with open(tmp_path / "log.txt") as f:
+        assert [json.loads(line) for line in f] == [
+            {"train_loss": 0.5, "train_lr": 1e-3, "test_acc1": 81.5, "test_acc5": 95.25, "test_loss": 0.75,
+             "epoch": 3, "n_parameters": 1234},
+            {"train_loss": 0.25, "train_lr": 2e-3, "epoch": 4},
+            {"train_loss": 0.125, "train_lr": 3e-3, "test_acc1": 81.5, "test_acc5": 95.25, "test_loss": 0.75,
+             "epoch": 5}]
+    no_test = FakeWriter()
+    misc.log_epoch(args, no_test, 6, {"loss": 0.1})
+    assert no_test.scalars == [] and no_test.flushed
+
+
+def test_run_exits_with_one_line_on_a_non_finite_loss(capsys, tmp_path, make_args):
     def diverges(args):
-        raise misc.NonFiniteLossError(float("nan"), 2, 7)
+        raise checkpoint.NonFiniteLossError(float("nan"), 2, 7)
 
     with pytest.raises(SystemExit) as e:
-        misc.run(diverges, None)
+        misc.run(diverges, make_args("pretrain", "--output_dir", tmp_path))
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("ERROR: Loss is nan at epoch 2, iteration 7;") and err.count("\n") == 1
+    # a checkpoint-last.pth saved at the diverged iteration is set aside (auto-resume skips it)
+    checkpoint.save_model(make_args("pretrain", "--output_dir", tmp_path), 2, nn.Linear(2, 2), None, None,
+                          tag="last", step=7)
+    with pytest.raises(SystemExit):
+        misc.run(diverges, make_args("pretrain", "--output_dir", tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth.nonfinite"]
     seen = []
     misc.run(seen.append, "args")
     assert seen == ["args"]
@@ -835,22 +421,62 @@ def test_run_exits_with_one_line_on_a_non_finite_loss(capsys):
         misc.run(lambda args: {}[args], "missing")
 
 
-def test_init_run_single_process(tmp_path, monkeypatch, capsys):
+def test_init_run_single_process(tmp_path, monkeypatch, capsys, make_args):
     for var in LAUNCHER_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     out = tmp_path / "out"
     out.mkdir()
-    checkpoint = misc.save_model(argparse.Namespace(output_dir=str(out)), 3, nn.Linear(2, 2), None, None)
+    saved = checkpoint.save_model(make_args("pretrain", "--output_dir", out), 3, nn.Linear(2, 2), None, None)
     argv = ["--device", "cpu", "--seed", "7", "--output_dir", str(out), "--log_dir", str(tmp_path / "tb" / "x")]
-    args = add_common_args(argparse.ArgumentParser()).parse_args(argv)
+    args = make_args("pretrain", *argv)
 
     device = misc.init_run(args)
     assert device == torch.device("cpu") and args.precision == "fp32" and not args.distributed
-    assert args.resume == checkpoint  # --auto_resume found the checkpoint
+    assert args.resume == ""  # init_run no longer resumes: checkpoint.resume does, through auto_resume
+    assert checkpoint.auto_resume(args) == saved  # --auto_resume finds the checkpoint
     assert (tmp_path / "tb" / "x").is_dir() and torch.backends.cudnn.benchmark
     drawn = draws()
-    misc.seed_everything(7)  # seed + rank 0
+    checkpoint.seed_everything(7)  # seed + rank 0
     assert draws() == drawn
     printed = capsys.readouterr().out
     assert f"job dir: {REPO}\n" in printed and "seed=7,\n" in printed
+
+
+def test_print_model_counts_trainable_parameters(capsys):
+    model = nn.Sequential(nn.Linear(1000, 1000), nn.Linear(1000, 500))  # 1_001_000 + 500_500
+    model[1].bias.requires_grad_(False)
+    assert misc.print_model(model) == 1_501_000
+    out = capsys.readouterr().out
+    assert out.startswith("Model = Sequential(") and "number of params (M): 1.50\n" in out
+
+
+class FakeSampler:
+    def __init__(self):
+        self.calls = []
+
+    def set_epoch(self, epoch, start=0):
+        self.calls.append((epoch, start))
+
+
+def test_epochs_to_train_from_a_resume_point(make_args, capsys):
+    args = make_args("pretrain", "--epochs", 5, "--batch_size", 8, precision="fp32")
+    sampler, writer = FakeSampler(), FakeWriter()
+    epochs = misc.epochs_to_train(args, ResumePoint(2, 3), sampler, writer)
+    assert next(epochs) == (2, 3)  # the resumed epoch, 3 iterations already done
+    assert sampler.calls == [(2, 24)]  # set before the epoch runs: skips 3 batches of 8 samples
+    assert "Start training for 5 epochs (fp32)" in capsys.readouterr().out
+    assert next(epochs) == (3, 0) and sampler.calls[-1] == (3, 0)
+    assert next(epochs) == (4, 0) and sampler.calls[-1] == (4, 0)
+    assert not writer.closed  # still needed by the last epoch's logging
+    with pytest.raises(StopIteration):
+        next(epochs)
+    assert writer.closed and "Training time" in capsys.readouterr().out
+    assert sampler.calls == [(2, 24), (3, 0), (4, 0)]
+
+    sampler = FakeSampler()
+    assert list(misc.epochs_to_train(args, ResumePoint(3), sampler)) == [(3, 0), (4, 0)]  # no writer
+    assert sampler.calls == [(3, 0), (4, 0)]
+    sampler, writer = FakeSampler(), FakeWriter()
+    assert list(misc.epochs_to_train(args, ResumePoint(5), sampler, writer)) == []  # all done already
+    assert sampler.calls == [] and writer.closed

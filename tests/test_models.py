@@ -1,25 +1,25 @@
 """MaskedAutoencoderViT and the ViT classifiers: masking, patches, loss, names, shapes."""
 import math
+import types
+from functools import partial
 
 import pytest
 import torch
 
 import models_mae
 import models_vit
+from util.models import build_classifier, model_from_name
 
-
-def tiny_mae(**kw):
-    cfg = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-               decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
-    cfg.update(kw)
-    return models_mae.mae_vit_base_patch16(**cfg)
+# conftest's tiny_mae (32 px, 8 px patches, width 32, decoder 16 x 1) with 2 encoder blocks and
+# the factories' LayerNorm (eps 1e-6)
+MAE = dict(depth=2, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
 
 
 # --------------------------------------------------------------------------- masking
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75, 0.9])
-def test_random_masking_keeps_exact_count_and_restores_order(ratio):
+def test_random_masking_keeps_exact_count_and_restores_order(ratio, tiny_mae):
     torch.manual_seed(0)
-    model = tiny_mae()
+    model = tiny_mae(**MAE)
     N, L, D = 3, 16, 5
     x = torch.arange(N * L, dtype=torch.float32).reshape(N, L, 1).expand(N, L, D).contiguous()
     x_masked, mask, ids_restore = model.random_masking(x, ratio)
@@ -38,11 +38,11 @@ def test_random_masking_keeps_exact_count_and_restores_order(ratio):
     assert torch.equal(torch.gather(ids_shuffle, 1, ids_restore), torch.arange(L).expand(N, L))
 
 
-def test_decoder_unshuffles_tokens_back_to_their_patches():
+def test_decoder_unshuffles_tokens_back_to_their_patches(tiny_mae):
     """forward_decoder puts the encoded token of patch i back at position 1 + i (cls first) and
     a mask token at every removed patch, before the decoder's position embedding."""
     torch.manual_seed(0)
-    model = tiny_mae()
+    model = tiny_mae(**MAE)
     N, L, Dd = 2, 16, 16
     imgs = torch.randn(N, 3, 32, 32)
     latent, mask, ids_restore = model.forward_encoder(imgs, 0.75)  # (N, 1+4, D)
@@ -62,8 +62,8 @@ def test_decoder_unshuffles_tokens_back_to_their_patches():
             assert torch.allclose(x[n, 1 + patch], model.mask_token[0, 0], atol=1e-6)
 
 
-def test_noise_fixes_the_mask_and_small_noise_is_kept():
-    model = tiny_mae()
+def test_noise_fixes_the_mask_and_small_noise_is_kept(tiny_mae):
+    model = tiny_mae(**MAE)
     x = torch.randn(2, 16, 4)
     noise = torch.rand(2, 16)
     _, mask1, r1 = model.random_masking(x, 0.75, noise)
@@ -81,8 +81,8 @@ def test_noise_fixes_the_mask_and_small_noise_is_kept():
 # --------------------------------------------------------------------------- patches
 @pytest.mark.parametrize("img_size,patch,chans", [((32, 32), 8, 3), ((48, 32), 16, 3),
                                                    ((64, 64), 16, 1), ((32, 48), 4, 4)])
-def test_unpatchify_inverts_patchify(img_size, patch, chans):
-    model = tiny_mae(img_size=img_size, patch_size=patch, in_chans=chans)
+def test_unpatchify_inverts_patchify(img_size, patch, chans, tiny_mae):
+    model = tiny_mae(**MAE, img_size=img_size, patch_size=patch, in_chans=chans)
     imgs = torch.randn(2, chans, *img_size)
     x = model.patchify(imgs)
     L = (img_size[0] // patch) * (img_size[1] // patch)
@@ -90,8 +90,8 @@ def test_unpatchify_inverts_patchify(img_size, patch, chans):
     assert torch.equal(model.unpatchify(x), imgs)
 
 
-def test_patch_pixel_order_is_p_q_c_and_patches_row_major():
-    model = tiny_mae(img_size=(16, 32), patch_size=8)
+def test_patch_pixel_order_is_p_q_c_and_patches_row_major(tiny_mae):
+    model = tiny_mae(**MAE, img_size=(16, 32), patch_size=8)
     imgs = torch.randn(1, 3, 16, 32)
     x = model.patchify(imgs)  # (1, 2*4, 8*8*3)
     # patch (row 1, col 2) is index 1*4 + 2; value at pixel (p=3, q=5, c=2)
@@ -100,9 +100,9 @@ def test_patch_pixel_order_is_p_q_c_and_patches_row_major():
 
 
 # --------------------------------------------------------------------------- loss
-def test_loss_counts_removed_patches_only():
+def test_loss_counts_removed_patches_only(tiny_mae):
     torch.manual_seed(0)
-    model = tiny_mae()
+    model = tiny_mae(**MAE)
     imgs = torch.randn(2, 3, 32, 32)
     _, pred, mask = model(imgs, 0.75)
     base = model.forward_loss(imgs, pred, mask)
@@ -119,8 +119,8 @@ def test_loss_counts_removed_patches_only():
     assert torch.allclose(base, per_patch[mask.bool()].mean(), atol=1e-6)
 
 
-def test_norm_pix_loss_normalises_each_patch_with_unbiased_variance():
-    model = tiny_mae(norm_pix_loss=True)
+def test_norm_pix_loss_normalises_each_patch_with_unbiased_variance(tiny_mae):
+    model = tiny_mae(**MAE, norm_pix_loss=True)
     imgs = torch.randn(1, 3, 32, 32) * 3 + 2
     target = model.patchify(imgs)  # (1, 16, 192)
     n = target.shape[-1]
@@ -159,9 +159,9 @@ def test_init_matches_the_original():
     assert model.blocks[0].mlp.act.approximate == "none"
 
 
-def test_gradients_reach_every_trainable_parameter_and_pos_embeds_are_frozen():
+def test_gradients_reach_every_trainable_parameter_and_pos_embeds_are_frozen(tiny_mae):
     torch.manual_seed(0)
-    model = tiny_mae()
+    model = tiny_mae(**MAE)
     loss, _, _ = model(torch.randn(2, 3, 32, 32), 0.75)
     loss.backward()
     for name, p in model.named_parameters():
@@ -224,8 +224,8 @@ def test_factory_overrides():
     assert pred.shape == (2, 64, 64) and torch.isfinite(loss)
 
 
-def test_non_square_images():
-    model = tiny_mae(img_size=(32, 64))
+def test_non_square_images(tiny_mae):
+    model = tiny_mae(**MAE, img_size=(32, 64))
     loss, pred, mask = model(torch.randn(2, 3, 32, 64), 0.5)
     assert pred.shape == (2, 32, 192) and mask.shape == (2, 32)
     assert model.unpatchify(pred).shape == (2, 3, 32, 64)
@@ -307,12 +307,36 @@ def test_mae_state_dict_round_trips_strictly():
     assert torch.equal(a(x, noise=noise)[0], b(x, noise=noise)[0])
 
 
-def test_forward_compiles_as_one_graph_without_breaks():
+def test_forward_compiles_as_one_graph_without_breaks(tiny_mae):
     """--compile: the MAE forward (masking, unshuffle, loss) and the classifier trace into a
     single graph each, so torch.compile optimises the whole step."""
-    mae = tiny_mae(norm_pix_loss=True)
+    mae = tiny_mae(**MAE, norm_pix_loss=True)
     explained = torch._dynamo.explain(mae)(torch.randn(2, 3, 32, 32), 0.75)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     vit = models_vit.vit_tiny_patch16(img_size=32, depth=2, num_classes=5, global_pool=True)
     explained = torch._dynamo.explain(vit)(torch.randn(2, 3, 32, 32))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+# ---------------------------------------------------------------------------------------------
+# util/models.py: the model that --model names
+# ---------------------------------------------------------------------------------------------
+
+def test_model_from_name():
+    zoo = types.ModuleType("zoo")
+    zoo.net_small = lambda **kwargs: ("small", kwargs)
+    zoo.net_big = lambda **kwargs: ("big", kwargs)
+    zoo.helper = lambda **kwargs: None
+    assert model_from_name(zoo, "net_big", "net_", depth=2, patch_size=None) == ("big", {"depth": 2})
+    with pytest.raises(ValueError, match="unknown --model 'helper'; choose one of: net_big, net_small$"):
+        model_from_name(zoo, "helper", "net_")
+
+
+def test_build_classifier_from_the_script_flags(make_args):
+    args = make_args("finetune", "--model", "vit_tiny_patch16", "--input_size", 64, "--patch_size", 8,
+                     "--nb_classes", 7, "--cls_token")
+    model = build_classifier(args, drop_path_rate=0.2)
+    assert model.patch_embed.grid_size == (8, 8) and model.head.out_features == 7 and model.global_pool == "token"
+    assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="unknown --model 'mae_vit_tiny_patch16'"):
+        build_classifier(make_args("linprobe", "--model", "mae_vit_tiny_patch16"))

@@ -1,14 +1,12 @@
-"""Pretraining stage: main_pretrain.py end to end, engine_pretrain.train_one_epoch, util/visualize.
+"""Pretraining stage: main_pretrain.py end to end, engine_pretrain.train_one_epoch, util/visualize
+and main_visualize.py.
 
 The scripts run as subprocesses (plain and under torchrun with gloo) on a generated 32 px image
 folder; the engine and the reconstruction grid are checked in-process on tiny models.
 """
-import argparse
 import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -17,14 +15,17 @@ import torch
 from PIL import Image
 
 import main_pretrain
+import main_visualize
 import util.misc as misc
+from conftest import REPO
 from engine_pretrain import train_one_epoch
 from models_mae import MaskedAutoencoderViT
 from util import visualize
+from util.checkpoint import NonFiniteLossError, load_checkpoint, resume
+from util.dist import unwrap_model
 from util.lr_sched import adjust_learning_rate
-from util.toy_data import CLASSES, make_image, make_toy_dataset
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from util.models import build_pretrain_model
+from util.toy_data import CLASSES, make_image
 NUM_TRAIN = 16  # 4 classes x 4 images
 IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 SCRIPT_ARGS = ["--device", "cpu", "--num_workers", "0", "--model", "mae_vit_tiny_patch16",
@@ -32,31 +33,9 @@ SCRIPT_ARGS = ["--device", "cpu", "--num_workers", "0", "--model", "mae_vit_tiny
                "--log_freq", "2", "--vis_images", "4", "--seed", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a small, shared CPU, 2+ OpenMP threads per process can be 10-100x
-    slower for these tiny models (spinning threads competing with the other processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run(cmd, timeout=120):
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
 def read_log(folder):
     with open(os.path.join(folder, "log.txt")) as f:
         return [json.loads(line) for line in f]
-
-
-def tiny_mae(norm_pix_loss=False, cls=MaskedAutoencoderViT):
-    return cls(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
-               decoder_depth=1, decoder_num_heads=2, norm_pix_loss=norm_pix_loss)
 
 
 class FixedNoiseMAE(torch.nn.Module):
@@ -72,12 +51,16 @@ class FixedNoiseMAE(torch.nn.Module):
         return self.mae(imgs, mask_ratio=mask_ratio, noise=noise)
 
 
-def engine_args(**overrides):
-    args = dict(accum_iter=1, mask_ratio=0.75, precision="fp32", log_freq=1000, save_every_iters=0,
-                start_iter=0, lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=100, weight_decay=0.05,
-                output_dir=None)
-    args.update(overrides)
-    return argparse.Namespace(**args)
+@pytest.fixture
+def engine_args(make_args):
+    """engine_args(*flags, **fields): main_pretrain's arguments for train_one_epoch: --log_freq 1000,
+    --warmup_epochs 0, --epochs 100, no --output_dir, then `flags`; the resolved precision='fp32'
+    and lr=1e-3 unless `fields` say otherwise (defaults: --accum_iter 1, --mask_ratio 0.75,
+    --save_every_iters 0, --min_lr 0, --weight_decay 0.05)."""
+    def make(*flags, **fields):
+        return make_args("pretrain", "--log_freq", 1000, "--warmup_epochs", 0, "--epochs", 100,
+                         "--output_dir", "", *flags, **{"precision": "fp32", "lr": 1e-3, **fields})
+    return make
 
 
 def random_images(n, seed=0, size=32):
@@ -90,17 +73,16 @@ def random_images(n, seed=0, size=32):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def data_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    return make_toy_dataset(str(root), train_per_class=4, val_per_class=1, size=32)
+def data_path(toy_data):
+    return toy_data(train_per_class=4, val_per_class=1, size=32)
 
 
 @pytest.fixture(scope="module")
-def first_run(data_path, tmp_path_factory):
+def first_run(data_path, tmp_path_factory, run_script):
     """One epoch of mae_vit_tiny_patch16 (32 px, patch 16) on 16 images, 4 iterations."""
     out = str(tmp_path_factory.mktemp("run1"))
-    log = run([sys.executable, "main_pretrain.py", *SCRIPT_ARGS, "--epochs", "1",
-               "--data_path", data_path, "--output_dir", out, "--log_dir", out])
+    _, log = run_script("main_pretrain.py", *SCRIPT_ARGS, "--epochs", "1", "--data_path", data_path,
+                        "--output_dir", out, "--log_dir", out, timeout=120)
     return out, log
 
 
@@ -111,7 +93,7 @@ def test_one_epoch_writes_checkpoint_log_tensorboard_and_reconstructions(first_r
     assert stats["epoch"] == 0 and set(stats) == {"epoch", "train_loss", "train_lr"}
     assert math.isfinite(stats["train_loss"]) and stats["train_loss"] > 0
 
-    checkpoint = misc.load_checkpoint(os.path.join(out, "checkpoint-0.pth"))
+    checkpoint = load_checkpoint(os.path.join(out, "checkpoint-0.pth"))
     assert checkpoint["epoch"] == 0 and checkpoint["step"] is None
     assert checkpoint["args"].input_size == 32 and checkpoint["args"].patch_size == 16
     assert checkpoint["model"]["patch_embed.proj.weight"].shape == (192, 3, 16, 16)
@@ -132,11 +114,11 @@ def test_one_epoch_writes_checkpoint_log_tensorboard_and_reconstructions(first_r
         assert im.size == (4 * 32, 4 * 32)  # 4 columns x --vis_images rows of 32 px
 
 
-def test_reconstructions_every_vis_freq_epochs_and_after_the_last(data_path, tmp_path):
+def test_reconstructions_every_vis_freq_epochs_and_after_the_last(data_path, tmp_path, run_script):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = str(tmp_path)
-    run([sys.executable, "main_pretrain.py", *SCRIPT_ARGS, "--epochs", "4", "--vis_freq", "2",
-         "--data_path", data_path, "--output_dir", out, "--log_dir", out])
+    run_script("main_pretrain.py", *SCRIPT_ARGS, "--epochs", "4", "--vis_freq", "2",
+               "--data_path", data_path, "--output_dir", out, "--log_dir", out, timeout=120)
     assert sorted(os.listdir(os.path.join(out, "reconstructions"))) == [
         "epoch_0000.png", "epoch_0002.png", "epoch_0003.png"]
     events = EventAccumulator(out, size_guidance={"images": 0})
@@ -145,23 +127,22 @@ def test_reconstructions_every_vis_freq_epochs_and_after_the_last(data_path, tmp
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-0.pth", "checkpoint-3.pth"]
 
 
-def test_resume_restores_everything_and_continues(first_run, data_path, tmp_path):
+def test_resume_restores_everything_and_continues(first_run, data_path, tmp_path, make_args, run_script):
     first_out, _ = first_run
     checkpoint_path = os.path.join(first_out, "checkpoint-0.pth")
-    checkpoint = misc.load_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path)
 
     # in-process: what main_pretrain builds takes model, optimizer, scaler and epoch back
     checkpoint["scaler"] = {"scale": 256.0, "growth_factor": 2.0, "backoff_factor": 0.5,
                             "growth_interval": 2000, "_growth_tracker": 7}  # as an fp16 run saves it
     fp16_path = str(tmp_path / "checkpoint-fp16.pth")
     torch.save(checkpoint, fp16_path)
-    args = main_pretrain.get_args_parser().parse_args(
-        SCRIPT_ARGS + ["--data_path", data_path, "--resume", fp16_path, "--lr", "1e-3"])
-    model = main_pretrain.build_model(args)
+    args = make_args("pretrain", *SCRIPT_ARGS, "--data_path", data_path, "--resume", fp16_path, "--lr", "1e-3")
+    model = build_pretrain_model(args)
     optimizer = main_pretrain.build_optimizer(model, args, "cpu")
     scaler = misc.NativeScalerWithGradNormCount(enabled=True, device_type="cpu")
-    misc.load_model(args, model, optimizer, scaler)
-    assert args.start_epoch == 1 and args.start_iter == 0
+    start = resume(args, model, optimizer, scaler)
+    assert start.epoch == 1 and start.iteration == 0
     for k, v in model.state_dict().items():
         assert torch.equal(v, checkpoint["model"][k]), k
     state = optimizer.state_dict()["state"]
@@ -173,13 +154,13 @@ def test_resume_restores_everything_and_continues(first_run, data_path, tmp_path
 
     # the script resumes from checkpoint-0 and trains epoch 1 only (with 2 persistent workers)
     out = str(tmp_path / "run2")
-    log = run([sys.executable, "main_pretrain.py", *SCRIPT_ARGS, "--epochs", "2", "--num_workers", "2",
-               "--resume", checkpoint_path, "--data_path", data_path, "--output_dir", out,
-               "--log_dir", out])
+    _, log = run_script("main_pretrain.py", *SCRIPT_ARGS, "--epochs", "2", "--num_workers", "2",
+                        "--resume", checkpoint_path, "--data_path", data_path, "--output_dir", out,
+                        "--log_dir", out, timeout=120)
     assert "Resume checkpoint" in log
     assert [s["epoch"] for s in read_log(out)] == [1]
     assert not os.path.exists(os.path.join(out, "checkpoint-0.pth"))
-    resumed = misc.load_checkpoint(os.path.join(out, "checkpoint-1.pth"))
+    resumed = load_checkpoint(os.path.join(out, "checkpoint-1.pth"))
     assert resumed["epoch"] == 1
     assert all(int(s["step"]) == 8 for s in resumed["optimizer"]["state"].values())  # 4 + 4 steps
     assert not torch.equal(resumed["model"]["blocks.0.attn.qkv.weight"],
@@ -187,7 +168,8 @@ def test_resume_restores_everything_and_continues(first_run, data_path, tmp_path
     assert os.path.exists(os.path.join(out, "reconstructions", "epoch_0001.png"))  # the last epoch
 
 
-def test_torchrun_two_processes_see_disjoint_shards(data_path, tmp_path):
+@pytest.mark.slow
+def test_torchrun_two_processes_see_disjoint_shards(data_path, tmp_path, run_script):
     out = str(tmp_path / "ddp")
     wrapper = tmp_path / "record_indices.py"
     wrapper.write_text(textwrap.dedent(f"""
@@ -206,9 +188,9 @@ def test_torchrun_two_processes_see_disjoint_shards(data_path, tmp_path):
         with open(os.path.join({out!r}, "seen-" + os.environ["RANK"] + ".json"), "w") as f:
             json.dump(seen, f)
     """))
-    log = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(wrapper), *SCRIPT_ARGS, "--epochs", "1", "--data_path", data_path,
-               "--output_dir", out, "--log_dir", out], timeout=180)
+    _, log = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", wrapper,
+                        *SCRIPT_ARGS, "--epochs", "1", "--data_path", data_path, "--output_dir", out,
+                        "--log_dir", out, timeout=180)
     assert "effective batch size: 8" in log  # 4 per process x 2 processes
     seen = [json.load(open(os.path.join(out, f"seen-{r}.json"))) for r in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == NUM_TRAIN // 2
@@ -217,31 +199,30 @@ def test_torchrun_two_processes_see_disjoint_shards(data_path, tmp_path):
     (stats,) = read_log(out)  # written once, by rank 0
     assert stats["epoch"] == 0 and math.isfinite(stats["train_loss"])
     assert len([n for n in os.listdir(out) if n.startswith("events.out.tfevents")]) == 1  # rank 0 only
-    checkpoint = misc.load_checkpoint(os.path.join(out, "checkpoint-0.pth"))
+    checkpoint = load_checkpoint(os.path.join(out, "checkpoint-0.pth"))
     rank0, rank1 = checkpoint["rng"]  # the same number of draws from seed + rank: different states
     assert not torch.equal(rank0["torch"], rank1["torch"]) and rank0["python"] != rank1["python"]
 
 
-def test_build_model_uses_input_and_patch_size_and_names_valid_models():
-    parser = main_pretrain.get_args_parser()
-    args = parser.parse_args(["--model", "mae_vit_tiny_patch16", "--input_size", "48", "--patch_size", "8",
-                              "--norm_pix_loss"])
-    model = main_pretrain.build_model(args)
+def test_build_model_uses_input_and_patch_size_and_names_valid_models(make_args):
+    args = make_args("pretrain", "--model", "mae_vit_tiny_patch16", "--input_size", "48", "--patch_size", "8",
+                     "--norm_pix_loss")
+    model = build_pretrain_model(args)
     assert model.patch_embed.grid_size == (6, 6) and model.norm_pix_loss
     assert model.decoder_pred.out_features == 8 * 8 * 3
-    defaults = parser.parse_args([])
+    defaults = make_args("pretrain")
     assert (defaults.model, defaults.batch_size, defaults.epochs, defaults.warmup_epochs, defaults.blr,
             defaults.weight_decay, defaults.mask_ratio, defaults.min_lr, defaults.norm_pix_loss) == (
         "mae_vit_large_patch16", 64, 400, 40, 1e-3, 0.05, 0.75, 0.0, False)
     with pytest.raises(ValueError, match="mae_vit_base_patch16"):
-        main_pretrain.build_model(parser.parse_args(["--model", "vit_base_patch16"]))
+        build_pretrain_model(make_args("pretrain", "--model", "vit_base_patch16"))
 
 
-def test_pretrain_optimizer_groups_as_the_original():
+def test_pretrain_optimizer_groups_as_the_original(tiny_mae, make_args):
     """AdamW(betas=(0.9, 0.95)); weight decay on every >= 2-D parameter (cls_token and mask_token
     included), none on biases and norms; the fixed sin-cos pos embeds are not optimised."""
     model = tiny_mae()
-    args = main_pretrain.get_args_parser().parse_args(["--lr", "1e-3"])
+    args = make_args("pretrain", "--lr", "1e-3")
     optimizer = main_pretrain.build_optimizer(model, args, "cpu")
     assert optimizer.defaults["betas"] == (0.9, 0.95)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -258,11 +239,10 @@ def test_pretrain_optimizer_groups_as_the_original():
     assert "pos_embed" not in trainable and "decoder_pos_embed" not in trainable
 
 
-def test_fast_decode_flag_reaches_the_pretrain_transform():
+def test_fast_decode_flag_reaches_the_pretrain_transform(make_args):
     from util.datasets import build_pretrain_transform
-    parser = main_pretrain.get_args_parser()
-    assert not build_pretrain_transform(parser.parse_args(["--input_size", "32"])).fast_decode
-    transform = build_pretrain_transform(parser.parse_args(["--input_size", "32", "--fast_decode"]))
+    assert not build_pretrain_transform(make_args("pretrain", "--input_size", "32")).fast_decode
+    transform = build_pretrain_transform(make_args("pretrain", "--input_size", "32", "--fast_decode"))
     assert transform.fast_decode and transform.size == (32, 32)
 
 
@@ -270,21 +250,21 @@ def test_fast_decode_flag_reaches_the_pretrain_transform():
 # engine_pretrain.train_one_epoch
 # ---------------------------------------------------------------------------------------------
 
-def test_accum_iter_2_equals_double_batch():
+def test_accum_iter_2_equals_double_batch(tiny_mae, engine_args):
     imgs = random_images(8)
     results = []
     for accum_iter, batches in ((1, [imgs]), (2, [imgs[:4], imgs[4:]])):
         torch.manual_seed(0)
         model = FixedNoiseMAE(tiny_mae(norm_pix_loss=True))
         initial = {k: v.clone() for k, v in model.state_dict().items()}
-        args = engine_args(accum_iter=accum_iter, lr=1e-2)
+        args = engine_args("--accum_iter", accum_iter, lr=1e-2)
         # SGD: its update is linear in the gradient. (Adam's first step is ~lr * sign(grad), which
         # turns float noise in mathematically zero gradients, e.g. the attention key bias, into
         # full-size differences.)
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=0.05)
         scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
         loader = [(b, torch.zeros(len(b))) for b in batches] * 2  # two updates
-        stats = train_one_epoch(model, loader, optimizer, "cpu", 0, scaler, args=args)
+        stats = train_one_epoch(model, loader, optimizer, "cpu", 0, scaler, None, args)
         results.append((model.state_dict(), stats))
     (weights_1, stats_1), (weights_2, stats_2) = results
     for k, w in weights_1.items():
@@ -302,11 +282,10 @@ class FakeWriter:
 
 
 @pytest.mark.parametrize("accum_iter, start_iter", [(1, 0), (2, 0), (1, 2)])
-def test_lr_follows_schedule_every_iteration(accum_iter, start_iter):
+def test_lr_follows_schedule_every_iteration(accum_iter, start_iter, tiny_mae, engine_args):
     torch.manual_seed(0)
     model = tiny_mae()
-    args = engine_args(accum_iter=accum_iter, start_iter=start_iter, lr=0.1, min_lr=0.01,
-                       warmup_epochs=2, epochs=4)
+    args = engine_args("--accum_iter", accum_iter, "--min_lr", 0.01, "--warmup_epochs", 2, "--epochs", 4, lr=0.1)
     optimizer = main_pretrain.build_optimizer(model, args, "cpu")
     seen = []
     optimizer.register_step_pre_hook(lambda opt, *_: seen.append([g["lr"] for g in opt.param_groups]))
@@ -314,7 +293,7 @@ def test_lr_follows_schedule_every_iteration(accum_iter, start_iter):
     loader = [(random_images(2, seed=i), torch.zeros(2)) for i in range(iters_per_epoch - start_iter)]
     writer = FakeWriter()
     scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
-    train_one_epoch(model, loader, optimizer, "cpu", epoch, scaler, log_writer=writer, args=args)
+    train_one_epoch(model, loader, optimizer, "cpu", epoch, scaler, writer, args, start_iter=start_iter)
 
     reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0)
     steps = range(start_iter, iters_per_epoch)
@@ -324,13 +303,31 @@ def test_lr_follows_schedule_every_iteration(accum_iter, start_iter):
             lr = adjust_learning_rate(reference, epoch + i / iters_per_epoch, args)
         if (i + 1) % accum_iter == 0:
             expected.append(lr)
-        expected_tb.append((int((epoch + i / iters_per_epoch) * 1000), lr))
+            # TensorBoard at the ends of the accumulation cycles, as the original
+            expected_tb.append((int((epoch + i / iters_per_epoch) * 1000), lr))
     assert all(len(groups) == 2 and groups[0] == groups[1] for groups in seen)  # no decay / decay
     assert [groups[0] for groups in seen] == pytest.approx(expected)
     assert len(seen) == len(steps) // accum_iter and len({s[0] for s in seen}) == len(seen)
     assert [s for s, _ in writer.scalars["lr"]] == [s for s, _ in expected_tb]
     assert [v for _, v in writer.scalars["lr"]] == pytest.approx([v for _, v in expected_tb])
     assert [s for s, _ in writer.scalars["train_loss"]] == [s for s, _ in expected_tb]
+
+
+def test_resume_inside_an_accumulation_cycle_sets_the_lr_at_once(tiny_mae, engine_args):
+    """A checkpoint-last.pth of a run with another --accum_iter can put start_iter inside a cycle:
+    the lr is then set from the schedule at the resumed iteration, not left unset."""
+    torch.manual_seed(0)
+    model = tiny_mae()
+    args = engine_args("--accum_iter", 2, "--warmup_epochs", 2, "--epochs", 4, lr=0.1)
+    optimizer = main_pretrain.build_optimizer(model, args, "cpu")
+    seen = []
+    optimizer.register_step_pre_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
+    loader = [(random_images(2, seed=i), torch.zeros(2)) for i in range(3)]  # iterations 1, 2, 3 of 4
+    scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+    stats = train_one_epoch(model, loader, optimizer, "cpu", 1, scaler, None, args, start_iter=1)
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0)
+    expected = [adjust_learning_rate(reference, 1 + i / 4, args) for i in (1, 2)]  # cycles from 1 and 2
+    assert seen == pytest.approx(expected) and math.isfinite(stats["loss"])
 
 
 def toy_images(n, seed=0):
@@ -341,28 +338,28 @@ def toy_images(n, seed=0):
     return (x - IMAGENET_MEAN.view(3, 1, 1)) / IMAGENET_STD.view(3, 1, 1)
 
 
-def test_loss_is_finite_and_decreases_on_a_fixed_batch():
+def test_loss_is_finite_and_decreases_on_a_fixed_batch(tiny_mae, engine_args):
     torch.manual_seed(0)
     model = tiny_mae()
-    args = engine_args(lr=1e-2, weight_decay=0.0)
+    args = engine_args("--weight_decay", 0.0, lr=1e-2)
     optimizer = main_pretrain.build_optimizer(model, args, "cpu")
     scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
     batch = (toy_images(8), torch.zeros(8))
-    losses = [train_one_epoch(model, [batch] * 5, optimizer, "cpu", epoch, scaler, args=args)["loss"]
+    losses = [train_one_epoch(model, [batch] * 5, optimizer, "cpu", epoch, scaler, None, args)["loss"]
               for epoch in range(4)]
     assert all(math.isfinite(v) for v in losses)
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < 0.75 * losses[0], losses
 
 
-def test_bf16_autocast_on_cpu_trains():
+def test_bf16_autocast_on_cpu_trains(tiny_mae, engine_args):
     torch.manual_seed(0)
     model = tiny_mae()
     args = engine_args(precision="bf16")
     optimizer = main_pretrain.build_optimizer(model, args, "cpu")
     scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
     stats = train_one_epoch(model, [(random_images(4), torch.zeros(4))] * 2, optimizer, "cpu", 0, scaler,
-                            args=args)
+                            None, args)
     assert math.isfinite(stats["loss"]) and model.blocks[0].attn.qkv.weight.dtype == torch.float32
 
 
@@ -377,21 +374,21 @@ class NaNAtIteration(torch.nn.Module):
         return (loss * float("nan") if self.calls > self.bad_call else loss), pred, mask
 
 
-def test_non_finite_loss_stops_before_saving(tmp_path):
+def test_non_finite_loss_stops_before_saving(tmp_path, tiny_mae, engine_args):
     torch.manual_seed(0)
     model = NaNAtIteration(tiny_mae(), bad_call=3)  # iterations 0, 1, 2 fine, 3 NaN
-    args = engine_args(save_every_iters=2, log_freq=100, output_dir=str(tmp_path))
+    args = engine_args("--save_every_iters", 2, "--log_freq", 100, "--output_dir", tmp_path)
     optimizer = main_pretrain.build_optimizer(model, args, "cpu")
     scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
     loader = [(random_images(2, seed=i), torch.zeros(2)) for i in range(6)]
-    with pytest.raises(misc.NonFiniteLossError, match="epoch 5, iteration 3"):
-        train_one_epoch(model, loader, optimizer, "cpu", 5, scaler, args=args)
-    checkpoint = misc.load_checkpoint(str(tmp_path / "checkpoint-last.pth"))
+    with pytest.raises(NonFiniteLossError, match="epoch 5, iteration 3"):
+        train_one_epoch(model, loader, optimizer, "cpu", 5, scaler, None, args)
+    checkpoint = load_checkpoint(str(tmp_path / "checkpoint-last.pth"))
     assert (checkpoint["epoch"], checkpoint["step"]) == (5, 2)  # the save at iteration 4 never happened
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
 
 
-def test_no_host_sync_per_iteration(monkeypatch):
+def test_no_host_sync_per_iteration(monkeypatch, tiny_mae, engine_args):
     """Reading a tensor on the host (item, tolist, float, bool, ...) happens at log points only: the
     number of reads does not grow with the number of iterations."""
     counts = {"n": 0}
@@ -410,20 +407,20 @@ def test_no_host_sync_per_iteration(monkeypatch):
         scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
         loader = [(random_images(2, seed=i), torch.zeros(2)) for i in range(num_iters)]
         counts["n"] = 0
-        train_one_epoch(model, loader, optimizer, "cpu", 0, scaler, args=engine_args(log_freq=1000))
+        train_one_epoch(model, loader, optimizer, "cpu", 0, scaler, None, engine_args("--log_freq", 1000))
         return counts["n"]
 
     # the log points (first and last iteration) read a fixed number of values, whatever the length
     assert host_reads(3) == host_reads(9) > 0
 
 
-def test_unwrap_finds_the_bare_model():
+def test_unwrap_finds_the_bare_model(tiny_mae):
     model = tiny_mae()
-    assert misc.unwrap_model(model) is model
+    assert unwrap_model(model) is model
 
 
 # ---------------------------------------------------------------------------------------------
-# util/visualize.py
+# util/visualize.py and main_visualize.py
 # ---------------------------------------------------------------------------------------------
 
 def cell(grid, row, col, size=32):
@@ -436,7 +433,7 @@ def patch_mask_image(mask, size=32, patch=8):
     return mask.reshape(g, g).repeat_interleave(patch, 0).repeat_interleave(patch, 1).bool()
 
 
-def test_reconstruction_grid_png(tmp_path):
+def test_reconstruction_grid_png(tmp_path, tiny_mae):
     torch.manual_seed(0)
     model = tiny_mae()
     imgs = random_images(3)
@@ -474,8 +471,9 @@ class OracleMAE(MaskedAutoencoderViT):
 
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
-def test_reconstruction_undoes_norm_pix_loss(norm_pix_loss):
-    model = tiny_mae(norm_pix_loss, cls=OracleMAE)
+def test_reconstruction_undoes_norm_pix_loss(norm_pix_loss, tiny_mae):
+    model = tiny_mae(norm_pix_loss=norm_pix_loss)
+    model.__class__ = OracleMAE  # the same model, with the oracle's forward
     pixels = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0)) / 255
     imgs = (pixels - IMAGENET_MEAN.view(3, 1, 1)) / IMAGENET_STD.view(3, 1, 1)
     grid = visualize.reconstruction_grid(model, imgs, mask_ratio=0.75).int()
@@ -489,7 +487,7 @@ def test_visualize_command(first_run, data_path, tmp_path):
     checkpoint_path = os.path.join(out, "checkpoint-0.pth")
     grid_path = str(tmp_path / "grid.png")
     # model, input and patch size come from the checkpoint's args
-    grid = visualize.main(["--checkpoint", checkpoint_path, "--data_path", os.path.join(data_path, "train"),
+    grid = main_visualize.main(["--checkpoint", checkpoint_path, "--data_path", os.path.join(data_path, "train"),
                            "--out", grid_path, "--num_images", "3", "--device", "cpu"])
     assert grid.shape == (3, 3 * 32, 4 * 32)
     with Image.open(grid_path) as im:
@@ -499,16 +497,16 @@ def test_visualize_command(first_run, data_path, tmp_path):
     flat.mkdir()
     for i in range(2):
         Image.new("RGB", (40, 50), (60 * i, 100, 200)).save(flat / f"{i}.jpg")
-    grid = visualize.main(["--checkpoint", checkpoint_path, "--data_path", str(flat), "--out",
+    grid = main_visualize.main(["--checkpoint", checkpoint_path, "--data_path", str(flat), "--out",
                            str(tmp_path / "flat.png"), "--model", "mae_vit_tiny_patch16",
                            "--num_images", "8"])
     assert grid.shape == (3, 2 * 32, 4 * 32)
 
-    checkpoint = misc.load_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path)
     checkpoint["model"] = {k: v for k, v in checkpoint["model"].items()
                            if not k.startswith("decoder") and k != "mask_token"}
     encoder_only = str(tmp_path / "encoder_only.pth")
     torch.save(checkpoint, encoder_only)
     with pytest.raises(ValueError, match="need a checkpoint with the decoder"):
-        visualize.main(["--checkpoint", encoder_only, "--data_path", str(flat), "--out",
+        main_visualize.main(["--checkpoint", encoder_only, "--data_path", str(flat), "--out",
                         str(tmp_path / "x.png")])

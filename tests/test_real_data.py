@@ -1,7 +1,6 @@
 """The data pipeline on real photos: a few Imagenette2 (112 px ImageNet) JPEGs from
 ../shared/data through every transform and a tiny MAE. Skipped when the data is absent (a
 user's clone has no shared/)."""
-import argparse
 import os
 import tarfile
 
@@ -10,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from models_mae import MaskedAutoencoderViT
 from util.datasets import (build_dataset, build_eval_transform, build_linprobe_transform,
                            build_pretrain_transform, build_transform)
 
@@ -38,15 +36,16 @@ def imagenette(tmp_path_factory):
     return root
 
 
-def test_real_jpegs_through_every_transform_and_a_tiny_mae(imagenette):
-    args = argparse.Namespace(data_path=str(imagenette), input_size=64, color_jitter=None,
-                              aa="rand-m9-mstd0.5-inc1", reprob=0.25, remode="pixel", recount=1)
-    mae = MaskedAutoencoderViT(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2,
-                               decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
-                               norm_pix_loss=True)
-    for transform in (build_pretrain_transform(args), build_transform(True, args),
-                      build_linprobe_transform(True, args), build_eval_transform(64)):
-        dataset = build_dataset(False, args, transform)
+def test_real_jpegs_through_every_transform_and_a_tiny_mae(imagenette, make_args, tiny_mae):
+    data = ("--data_path", imagenette, "--input_size", 64)
+    pretrain = make_args("pretrain", *data)
+    finetune = make_args("finetune", *data, "--aa", "rand-m9-mstd0.5-inc1", "--reprob", 0.25, "--remode", "pixel",
+                         "--recount", 1)  # no --color_jitter
+    linprobe = make_args("linprobe", *data)
+    mae = tiny_mae(img_size=64, patch_size=16, norm_pix_loss=True)
+    for transform in (build_pretrain_transform(pretrain), build_transform(True, finetune),
+                      build_linprobe_transform(True, linprobe), build_eval_transform(64)):
+        dataset = build_dataset(False, pretrain, transform)
         assert len(dataset.classes) == 10 and len(dataset) == 10 * PER_CLASS
         samples = [dataset[i] for i in range(0, len(dataset), PER_CLASS)]  # one image per class
         batch = torch.stack([img for img, _ in samples])
@@ -56,8 +55,8 @@ def test_real_jpegs_through_every_transform_and_a_tiny_mae(imagenette):
         assert torch.isfinite(loss) and pred.shape == (10, 16, 16 * 16 * 3)
 
 
-def test_eval_transform_of_a_real_photo_is_the_normalised_centre_crop(imagenette):
-    args = argparse.Namespace(data_path=str(imagenette))
+def test_eval_transform_of_a_real_photo_is_the_normalised_centre_crop(imagenette, make_args):
+    args = make_args("finetune", "--data_path", imagenette)
     path = build_dataset(False, args, None).samples[0][0]
     got = build_dataset(False, args, build_eval_transform(64))[0][0].numpy()  # (3, 64, 64)
     with Image.open(path) as img:

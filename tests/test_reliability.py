@@ -35,15 +35,8 @@ import pytest
 import torch
 from PIL import Image
 
-import util.misc as misc
-from util.toy_data import make_toy_dataset
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
-                 "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "TORCHELASTIC_RUN_ID",
-                 "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE")
-ENV = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-ENV.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+from conftest import LAUNCHER_VARS, REPO, SUBPROCESS_ENV
+from util.checkpoint import atomic_save, find_latest_checkpoint, load_checkpoint
 
 PRETRAIN = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "16", "--batch_size", "4",
             "--device", "cpu", "--num_workers", "0", "--vis_freq", "0", "--precision", "fp32", "--seed", "0",
@@ -54,16 +47,6 @@ CLASSIFY = ["--model", "vit_tiny_patch16", "--input_size", "32", "--patch_size",
 FINAL_NAMES = re.compile(r"checkpoint-(\d+|last|best)\.pth|log\.txt|events\.out\.tfevents\..*")
 
 needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc to find the ranks")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread, as OMP_NUM_THREADS=1 gives the subprocesses: the in-process and the
-    subprocess runs then compute the same bits, and the 2 shared cores are not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,16 +61,10 @@ def command(script, *args):
     return [sys.executable, script, *map(str, args)]
 
 
-def run_cmd(cmd, timeout=150):
-    """(exit status, stdout + stderr) of a subprocess in the repo root."""
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
-    return proc.returncode, proc.stdout + proc.stderr
-
-
 def start(cmd, log_path, env=None):
     """Popen in its own session (so the whole group can be killed), output to log_path."""
     with open(log_path, "w") as log:
-        return subprocess.Popen(cmd, cwd=REPO, env=env or ENV, stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, cwd=REPO, env=env or SUBPROCESS_ENV, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 
@@ -164,7 +141,7 @@ def free_port():
 def assert_same_training_state(path_a, path_b):
     """Model, optimizer (state and param groups), epoch/step and every rank's RNG states equal
     bit for bit."""
-    a, b = misc.load_checkpoint(path_a), misc.load_checkpoint(path_b)
+    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
@@ -218,9 +195,9 @@ def cli(monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(toy_data):
     """4 classes x (4 train + 2 val) images of 32 px: 4 iterations per epoch at batch 4."""
-    return make_toy_dataset(str(tmp_path_factory.mktemp("data")), train_per_class=4, val_per_class=2, size=32)
+    return toy_data(train_per_class=4, val_per_class=2, size=32)
 
 
 @pytest.fixture(scope="module")
@@ -240,14 +217,15 @@ def reference(data, tmp_path_factory):
 # Exact resume and auto-resume
 # ---------------------------------------------------------------------------------------------
 
-def test_resume_at_epoch_boundary_is_bit_exact(reference, data, tmp_path):
+@pytest.mark.slow
+def test_resume_at_epoch_boundary_is_bit_exact(reference, data, tmp_path, run_script):
     """1 epoch, stop, then `--epochs 2` in the same folder (auto-resume, 2 loader workers) equals
     2 epochs straight: model, optimizer, RNG states, and the logged loss of epoch 1."""
     uninterrupted, one_epoch = reference
     out = tmp_path / "run"
     shutil.copytree(one_epoch, out)
-    status, log = run_cmd(command("main_pretrain.py", *flags(PRETRAIN, data, out, "--epochs", 2,
-                                                             "--num_workers", 2)))
+    status, log = run_script("main_pretrain.py", *flags(PRETRAIN, data, out, "--epochs", 2, "--num_workers", 2),
+                             timeout=150, check=False)
     assert status == 0, log[-3000:]
     assert f"Auto-resume from {out / 'checkpoint-0.pth'}" in log
     assert "continuing at epoch 1, iteration 0" in log
@@ -284,6 +262,7 @@ def kill_during_save_of(target, data, out, tmp_path):
     pytest.fail(f"3 kills in a row missed the save of {target} (the temp file was already renamed)")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_mid_epoch_then_resume_is_bit_exact(reference, data, tmp_path, cli):
     """`--save_every_iters 1`: SIGKILL the run while it writes checkpoint-last.pth in the middle
     of epoch 0, then rerun the same command line: the final name always holds a complete
@@ -294,10 +273,10 @@ def test_sigkill_mid_save_mid_epoch_then_resume_is_bit_exact(reference, data, tm
     cmd = kill_during_save_of("checkpoint-last", data, out, tmp_path)
     last = out / "checkpoint-last.pth"
     assert not (out / "checkpoint-0.pth").exists()  # still inside epoch 0
-    ckpt = misc.load_checkpoint(last)  # complete: the previous save
+    ckpt = load_checkpoint(last)  # complete: the previous save
     epoch, step = ckpt["epoch"], ckpt["step"]
     assert epoch == 0 and step in (1, 2, 3), (epoch, step)
-    assert misc.find_latest_checkpoint(str(out)) == str(last)  # the leftover temp file is no candidate
+    assert find_latest_checkpoint(str(out)) == str(last)  # the leftover temp file is no candidate
 
     status, log = cli("main_pretrain.py", *cmd[2:])
     assert status == 0, log[-3000:]
@@ -307,6 +286,7 @@ def test_sigkill_mid_save_mid_epoch_then_resume_is_bit_exact(reference, data, tm
         assert_same_training_state(out / name, uninterrupted / name)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_of_the_epoch_checkpoint_then_resume(reference, data, tmp_path, cli):
     """SIGKILL inside the save of checkpoint-0.pth (the end of epoch 0); the rerun must finish
     with the uninterrupted run's weights."""
@@ -314,7 +294,7 @@ def test_sigkill_mid_save_of_the_epoch_checkpoint_then_resume(reference, data, t
     out = tmp_path / "run"
     cmd = kill_during_save_of("checkpoint-0", data, out, tmp_path)
     assert not (out / "checkpoint-0.pth").exists()  # never a half-written file under the final name
-    last = misc.load_checkpoint(out / "checkpoint-last.pth")
+    last = load_checkpoint(out / "checkpoint-last.pth")
     assert (last["epoch"], last["step"]) == (0, 4)  # saved after the last iteration of epoch 0
 
     status, log = cli("main_pretrain.py", *cmd[2:])
@@ -481,7 +461,7 @@ def test_checkpoint_with_arbitrary_code_is_refused(reference, data, tmp_path, cl
     monkeypatch.syspath_prepend(str(tmp_path))  # importable here, as for a user who has the module
     payload = __import__("mae_evil_payload")
     marker = tmp_path / "code-ran.txt"
-    model = misc.load_checkpoint(one_epoch / "checkpoint-0.pth")["model"]
+    model = load_checkpoint(one_epoch / "checkpoint-0.pth")["model"]
     evil = tmp_path / "evil.pth"
     torch.save({"model": model, "evil": payload.Payload(str(marker))}, evil)
 
@@ -534,14 +514,14 @@ def original_release_checkpoint(ours, path):
 
 def test_original_release_checkpoint_loads_safely(reference, data, tmp_path, cli):
     _, one_epoch = reference
-    ours = misc.load_checkpoint(one_epoch / "checkpoint-0.pth")
+    ours = load_checkpoint(one_epoch / "checkpoint-0.pth")
     original = original_release_checkpoint(ours, tmp_path / "checkpoint-3.pth")
 
     out = tmp_path / "pt"
     status, log = cli("main_pretrain.py", *flags(PRETRAIN, data, out, "--epochs", 5, "--resume", original))
     assert status == 0, log[-3000:]
     assert "continuing at epoch 4, iteration 0" in log and "holds no RNG state" in log
-    resumed = misc.load_checkpoint(out / "checkpoint-4.pth")
+    resumed = load_checkpoint(out / "checkpoint-4.pth")
     assert resumed["epoch"] == 4 and resumed["args"].epochs == 5
     # the optimizer state came back: 4 steps of the original + the 4 of epoch 4
     assert {int(s["step"]) for s in resumed["optimizer"]["state"].values()} == {8}
@@ -560,7 +540,8 @@ def test_original_release_checkpoint_loads_safely(reference, data, tmp_path, cli
 @pytest.mark.parametrize("script,extra", [
     ("main_finetune.py", ["--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", "--drop_path", "0.1"]),
     ("main_linprobe.py", ["--cls_token"])])
-def test_finetune_and_linprobe_resume_is_bit_exact(reference, data, tmp_path, script, extra):
+@pytest.mark.slow
+def test_finetune_and_linprobe_resume_is_bit_exact(reference, data, tmp_path, run_script, script, extra):
     """Finetuning draws from every RNG (mixup/cutmix on numpy, RandAugment and random erasing on
     python/torch, drop path on torch), the probe from its weak augmentation: 2 epochs straight
     equal 1 epoch, then a restart that auto-resumes for the second, bit for bit. (Epoch 0 is the
@@ -574,7 +555,8 @@ def test_finetune_and_linprobe_resume_is_bit_exact(reference, data, tmp_path, sc
                    f"{out}.log") for out, epochs in ((straight, 2), (resumed, 1))]
     for proc, out in zip(procs, (straight, resumed)):
         assert proc.wait(timeout=150) == 0, open(f"{out}.log").read()[-3000:]
-    status, log = run_cmd(command(script, *common, "--output_dir", resumed, "--log_dir", resumed, "--epochs", 2))
+    status, log = run_script(script, *common, "--output_dir", resumed, "--log_dir", resumed, "--epochs", 2,
+                             timeout=150, check=False)
     assert status == 0, log[-3000:]
     assert "continuing at epoch 1, iteration 0" in log
     assert_same_training_state(resumed / "checkpoint-1.pth", straight / "checkpoint-1.pth")
@@ -587,17 +569,17 @@ def test_linprobe_resume_continues_best_accuracy(reference, data, tmp_path, cli)
     common = flags(CLASSIFY, data, out, "--finetune", one_epoch / "checkpoint-0.pth")
     status, log = cli("main_linprobe.py", *common, "--epochs", 1)
     assert status == 0, log[-3000:]
-    ckpt = misc.load_checkpoint(out / "checkpoint-0.pth")
+    ckpt = load_checkpoint(out / "checkpoint-0.pth")
     assert 0.0 <= ckpt["max_accuracy"] <= 100.0
     ckpt["max_accuracy"] = 101.0  # impossible: only a restored value can be printed
-    misc.atomic_save(ckpt, out / "checkpoint-0.pth")
+    atomic_save(ckpt, out / "checkpoint-0.pth")
 
     status, log = cli("main_linprobe.py", *common, "--epochs", 2)  # auto-resume
     assert status == 0, log[-3000:]
     assert "continuing at epoch 1, iteration 0" in log and "Max accuracy: 101.00%" in log
-    assert misc.load_checkpoint(out / "checkpoint-1.pth")["max_accuracy"] == 101.0
+    assert load_checkpoint(out / "checkpoint-1.pth")["max_accuracy"] == 101.0
     best = out / "checkpoint-best.pth"  # written only when the top-1 improved: never in epoch 1
-    assert not best.exists() or misc.load_checkpoint(best)["epoch"] == 0
+    assert not best.exists() or load_checkpoint(best)["epoch"] == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,6 +595,7 @@ def torchrun(max_restarts, *args):
             f"--max-restarts={max_restarts}", "main_pretrain.py", *map(str, args)]
 
 
+@pytest.mark.slow
 @needs_proc
 def test_torchrun_sigkilled_rank_ends_the_group_and_keeps_checkpoints_whole(data, tmp_path):
     out = tmp_path / "run"
@@ -632,17 +615,18 @@ def test_torchrun_sigkilled_rank_ends_the_group_and_keeps_checkpoints_whole(data
     log = (tmp_path / "log").read_text()
     assert status != 0 and re.search(r"exitcode\s*:\s*-9", log), log[-3000:]  # torchrun names the killed rank
     assert "Training time" not in log
-    latest = misc.find_latest_checkpoint(str(out))  # every checkpoint there loads
-    assert latest == str(out / "checkpoint-last.pth") and misc.load_checkpoint(latest)["epoch"] < 50
+    latest = find_latest_checkpoint(str(out))  # every checkpoint there loads
+    assert latest == str(out / "checkpoint-last.pth") and load_checkpoint(latest)["epoch"] < 50
 
 
+@pytest.mark.slow
 @needs_proc
 def test_hung_rank_makes_the_other_fail_on_the_collective_timeout(data, tmp_path):
     """SIGSTOP rank 1 (alive, sockets open, never answering): rank 0 must give up after
     --dist_timeout (0.15 min = 9 s) instead of waiting forever. Launched as torchrun would (env
     vars), without torchrun's agent, which would kill the survivor itself."""
     out = tmp_path / "run"
-    env = dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+    env = dict(SUBPROCESS_ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
     cmd = command("main_pretrain.py", *flags(DIST, data, out, "--epochs", 50, "--dist_timeout", 0.15))
     procs = [start(cmd, tmp_path / f"rank{r}.log", env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
              for r in (0, 1)]
@@ -661,18 +645,19 @@ def test_hung_rank_makes_the_other_fail_on_the_collective_timeout(data, tmp_path
     log = (tmp_path / "rank0.log").read_text()
     assert status != 0 and re.search(r"[Tt]imed out", log), log[-3000:]
     assert 5 < waited < 60  # the timeout (9 s), not a connection error, ended it
-    assert misc.load_checkpoint(out / "checkpoint-last.pth")["epoch"] < 50
+    assert load_checkpoint(out / "checkpoint-last.pth")["epoch"] < 50
 
 
+@pytest.mark.slow
 @needs_proc
 def test_torchrun_restart_resumes_from_the_latest_checkpoint(data, tmp_path):
     """`--max-restarts=1`: SIGKILL rank 1 mid-epoch; the restarted group auto-resumes from the
     latest checkpoint and finishes. torchrun's agent keeps one store for all restart rounds; the
-    workers prefix their keys with the round (util.misc._elastic_agent_store), else the restarted
+    workers prefix their keys with the round (util.dist._elastic_agent_store), else the restarted
     group can read the dead round's gloo addresses and fail or hang."""
     out = tmp_path / "run"
     proc = start(torchrun(1, *flags(DIST, data, out, "--epochs", 2, "--dist_timeout", 0.5)), tmp_path / "log",
-                 env=ENV)
+                 env=SUBPROCESS_ENV)
     try:
         wait_for(lambda: (out / "checkpoint-last.pth").exists() and worker(proc.pid, 1) is not None,
                  proc, "training to start")
@@ -689,6 +674,6 @@ def test_torchrun_restart_resumes_from_the_latest_checkpoint(data, tmp_path):
     assert resumed and resumed.group(1).startswith(str(out / "checkpoint-")), log[-3000:]
     assert (int(resumed.group(2)), int(resumed.group(3))) != (0, 0)  # not from scratch
     assert log.count("Start training") == 2 and "Training time" in log  # one restart, then to the end
-    final = misc.load_checkpoint(out / "checkpoint-1.pth")
+    final = load_checkpoint(out / "checkpoint-1.pth")
     assert final["epoch"] == 1 and len(final["rng"]) == 2
     assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {8}  # 2 epochs x 4, none twice

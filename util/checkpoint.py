@@ -441,8 +441,10 @@ def set_aside_diverged_checkpoint(output_dir, error):
     """A checkpoint-last.pth saved at the very iteration whose loss was non-finite holds the
     diverged weights: rename it so that auto-resume falls back to the last good checkpoint.
     error: the NonFiniteLossError that stopped the run."""
+    if not output_dir:
+        return
     path = os.path.join(output_dir, "checkpoint-last.pth")
-    if not output_dir or not os.path.isfile(path):
+    if not os.path.isfile(path):
         return
     try:
         ckpt = load_checkpoint(path, mmap=True)

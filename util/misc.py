@@ -345,9 +345,9 @@ def init_run(args):
     """The common start of the three training scripts; returns the torch.device to train on.
 
     In order: join the process group or set up a single process (init_distributed_mode), check
-    that --output_dir and --log_dir are writable (rank 0), print the job dir and the arguments, resolve
-    args.precision for the device, seed torch / numpy / random with seed + rank (each rank its
-    own masking noise, drop path and mixup draws) and turn on cudnn.benchmark.
+    that --output_dir and --log_dir are writable (rank 0), print the job dir and the arguments,
+    resolve args.precision for the device, seed torch / numpy / random with seed + rank (each
+    rank its own masking noise, drop path and mixup draws) and turn on cudnn.benchmark.
     """
     init_distributed_mode(args)
     if is_main_process():
