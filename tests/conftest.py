@@ -95,6 +95,18 @@ def tiny_vit():
 
 
 @pytest.fixture(scope="session")
+def tiny_problem():
+    """tiny_problem(seed=0) -> (model, data): a 2-layer MLP (6 -> 8 -> 3) drawn with torch seed
+    `seed`, and 4 batches of 5 (input, target) pairs drawn after it."""
+    def make(seed=0):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+        data = [(torch.randn(5, 6), torch.randn(5, 3)) for _ in range(4)]
+        return model, data
+    return make
+
+
+@pytest.fixture(scope="session")
 def run_script():
     """run_script(script, *flags, timeout=300, check=True) -> (exit status, stdout + stderr) of
     `python script flags` run in the repo root in a subprocess with SUBPROCESS_ENV: the command

@@ -41,13 +41,6 @@ class Evil:
         self.payload = payload
 
 
-def tiny_problem(seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))
-    data = [(torch.randn(5, 6), torch.randn(5, 3)) for _ in range(4)]
-    return model, data
-
-
 def test_non_finite_loss_error_message():
     err = checkpoint.NonFiniteLossError(float("nan"), epoch=3, iteration=17)
     assert isinstance(err, RuntimeError)
@@ -152,7 +145,7 @@ def test_load_checkpoint_refuses_arbitrary_class(tmp_path):
     assert isinstance(ckpt["extra"], Evil) and ckpt["extra"].payload == "rm -rf"
 
 
-def test_load_checkpoint_original_release_layout(tmp_path, make_args):
+def test_load_checkpoint_original_release_layout(tmp_path, make_args, tiny_problem):
     model, _ = tiny_problem()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
     model(torch.randn(2, 6)).sum().backward()

@@ -2,7 +2,6 @@
 import io
 import math
 
-import pytest
 import torch
 
 from util.lars import LARS

@@ -262,14 +262,7 @@ def test_resolve_precision_and_autocast():
         assert lin(x).dtype == torch.bfloat16
 
 
-def tiny_problem(seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))
-    data = [(torch.randn(5, 6), torch.randn(5, 3)) for _ in range(4)]
-    return model, data
-
-
-def test_disabled_scaler_is_bit_identical_to_plain_step():
+def test_disabled_scaler_is_bit_identical_to_plain_step(tiny_problem):
     ref, data = tiny_problem()
     model, _ = tiny_problem()
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
@@ -289,7 +282,7 @@ def test_disabled_scaler_is_bit_identical_to_plain_step():
     assert scaler.state_dict() == {}
 
 
-def test_scaler_clip_grad_and_accumulation():
+def test_scaler_clip_grad_and_accumulation(tiny_problem):
     model, data = tiny_problem()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
@@ -318,7 +311,7 @@ def test_scaler_clip_grad_and_accumulation():
         torch.testing.assert_close(p.detach(), b - g * 0.01 / full_norm, rtol=1e-4, atol=1e-6)
 
 
-def test_enabled_scaler_unscales_before_norm_and_round_trips():
+def test_enabled_scaler_unscales_before_norm_and_round_trips(tiny_problem):
     model, data = tiny_problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = misc.NativeScalerWithGradNormCount(enabled=True, device_type="cpu")
