@@ -571,6 +571,8 @@ def get_args_parser():
     p.set_defaults(pin_mem=True)
     p.add_argument("--skip_bad_images", action="store_true",
                    help="skip images that fail to decode (with a warning) instead of stopping")
+    p.add_argument("--max_image_pixels", default=Image.MAX_IMAGE_PIXELS, type=int, metavar="N",
+                   help="Pillow's decompression-bomb limit (refuses images above 2N); 0 = no limit")
     p.add_argument("--fast_decode", action="store_true",
                    help="pretraining transform with JPEG draft decoding (see util.datasets.PretrainTransform)")
     p.add_argument("--n", default=256, type=int,

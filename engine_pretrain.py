@@ -18,7 +18,8 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
     iterations of this epoch done before a mid-epoch resume (data_loader then yields only the
     remaining ones). Uses args.accum_iter, args.mask_ratio, args.precision, args.log_freq and
     args.save_every_iters. Returns the epoch's averages over iterations and processes:
-    {'loss': ..., 'lr': ...}.
+    {'loss': ..., 'lr': ...}. After a SIGTERM / SIGUSR1 (util.preemption) it saves
+    checkpoint-last.pth at the next optimizer step and raises preemption.Preempted.
     """
     model.train(True)
     log = misc.TrainingLog(epoch, start_iter, start_iter + len(data_loader), args, log_writer,
@@ -39,10 +40,9 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
         if update_grad:
             optimizer.zero_grad()
 
-        save_now = ckpt.mid_epoch_save_due(args, data_iter_step + 1, update_grad)
-        log.record(data_iter_step, lr, loss, grad_norm, sync=save_now)  # syncs at log points
-        if save_now:  # after the finiteness check: a checkpoint never holds diverged weights
-            ckpt.save_model(args, epoch, unwrap_model(model), optimizer, loss_scaler, tag="last",
-                            step=data_iter_step + 1)
+        log.record(data_iter_step, lr, loss, grad_norm)  # syncs at log points
+        # checkpoint-last.pth every --save_every_iters; on a SIGTERM / SIGUSR1 it saves, then stops the run
+        ckpt.checkpoint_step(args, log, epoch, data_iter_step + 1, update_grad, unwrap_model(model), optimizer,
+                             loss_scaler)
 
     return log.finish()

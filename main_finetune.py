@@ -9,9 +9,10 @@ Evaluate a finetuned checkpoint:
     python main_finetune.py --eval --resume mae_finetuned_vit_base.pth --model vit_base_patch16 \
         --batch_size 16 --data_path /path/to/imagenet
 
-Outputs (--output_dir): the checkpoints checkpoint-<epoch>.pth (every --save_freq epochs and
-the last) and checkpoint-best.pth (the best test top-1 so far), and log.txt with one JSON line
-of train_* and test_* metrics per epoch. TensorBoard events go to --log_dir.
+Outputs (--output_dir): the checkpoints checkpoint-<epoch>.pth (every epoch as the original;
+--save_freq N for fewer, --keep_last K keeps the K newest) and checkpoint-best.pth (the best test
+top-1 so far: the weights, no optimizer state), and log.txt with one JSON line of train_* and
+test_* metrics per epoch. TensorBoard events go to --log_dir.
 """
 import argparse
 
@@ -24,15 +25,17 @@ import util.checkpoint as ckpt
 import util.lr_decay as lrd
 import util.misc as misc
 from engine_finetune import evaluate, train_one_epoch
-from util.args import add_classifier_args, add_common_args, resolve_lr
+from util.args import add_classifier_args, add_common_args, check_args, resolve_lr
 from util.checkpoint import load_pretrained_encoder
 from util.datasets import build_classification_loaders, build_transform
 from util.dist import wrap_model
 from util.models import build_classifier
 
 
-def get_args_parser():
-    parser = argparse.ArgumentParser("MAE fine-tuning for image classification", add_help=True)
+def get_args_parser(add_help=False):
+    """The flags of this script; add_help=False as the original, so that its launchers can use
+    it as a parent parser (argparse.ArgumentParser(parents=[get_args_parser()]))."""
+    parser = argparse.ArgumentParser("MAE fine-tuning for image classification", add_help=add_help)
     add_common_args(parser)
     # model
     parser.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path rate")
@@ -66,6 +69,7 @@ def get_args_parser():
     add_classifier_args(parser)  # --finetune, --global_pool / --cls_token, --nb_classes, --eval, --dist_eval
     # the original main_finetune.py's defaults (per GPU)
     parser.set_defaults(stage="finetune")  # saved in checkpoints: auto-resume takes only its own
+    parser.set_defaults(save_freq=1)  # checkpoint-<epoch>.pth after every epoch, as the original
     parser.set_defaults(model="vit_large_patch16", batch_size=64, epochs=50, warmup_epochs=5, blr=1e-3,
                         weight_decay=0.05, min_lr=1e-6, global_pool=True)
     return parser
@@ -98,7 +102,7 @@ def init_from_pretrained(model, args):
 
 
 def main(args):
-    device = misc.init_run(args)
+    device = misc.init_run(args, training=not args.eval)  # --eval writes nothing: --output_dir is not claimed
 
     # <data_path>/train with RandAugment + random erasing, <data_path>/val resized + centre-cropped
     sampler_train, data_loader_train, data_loader_val = build_classification_loaders(args, build_transform)
@@ -140,10 +144,14 @@ def main(args):
         # evaluate before saving: the checkpoint then holds this epoch's max_accuracy and the
         # RNG state an uninterrupted run would have at the next epoch
         test_stats = evaluate(data_loader_val, model, device, args)  # prints the accuracy
+        # log.txt before the checkpoint: a kill between the two loses no line (see log_epoch)
+        misc.log_epoch(args, log_writer, epoch, train_stats, test_stats, start_iter, n_parameters=n_parameters)
         max_accuracy = ckpt.save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler,
                                              test_acc1=test_stats["acc1"], max_accuracy=max_accuracy)
-        misc.log_epoch(args, log_writer, epoch, train_stats, test_stats, n_parameters=n_parameters)
 
 
 if __name__ == "__main__":
-    misc.run(main, get_args_parser().parse_args())
+    parser = get_args_parser(add_help=True)
+    args = parser.parse_args()
+    check_args(parser, args)  # a bad flag: one line and exit status 2, as argparse
+    misc.run(main, args)

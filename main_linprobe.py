@@ -19,7 +19,7 @@ from timm.layers import trunc_normal_
 import util.checkpoint as ckpt
 import util.misc as misc
 from engine_finetune import evaluate, train_one_epoch
-from util.args import add_classifier_args, add_common_args, resolve_lr
+from util.args import add_classifier_args, add_common_args, check_args, resolve_lr
 from util.checkpoint import load_pretrained_encoder
 from util.datasets import build_classification_loaders, build_linprobe_transform
 from util.dist import wrap_model
@@ -27,12 +27,15 @@ from util.lars import LARS
 from util.models import build_classifier
 
 
-def get_args_parser():
-    parser = argparse.ArgumentParser("MAE linear probing for image classification", add_help=True)
+def get_args_parser(add_help=False):
+    """The flags of this script; add_help=False as the original, so that its launchers can use
+    it as a parent parser (argparse.ArgumentParser(parents=[get_args_parser()]))."""
+    parser = argparse.ArgumentParser("MAE linear probing for image classification", add_help=add_help)
     add_common_args(parser)
     add_classifier_args(parser)  # --finetune, --global_pool / --cls_token, --nb_classes, --eval, --dist_eval
     # the original main_linprobe.py's defaults (per GPU)
     parser.set_defaults(stage="linprobe")  # saved in checkpoints: auto-resume takes only its own
+    parser.set_defaults(save_freq=1)  # checkpoint-<epoch>.pth after every epoch, as the original
     parser.set_defaults(model="vit_large_patch16", batch_size=512, epochs=90, warmup_epochs=10, blr=0.1,
                         weight_decay=0.0, min_lr=0.0, global_pool=False)
     return parser
@@ -57,7 +60,7 @@ def init_from_pretrained(model, args):
 
 
 def main(args):
-    device = misc.init_run(args)
+    device = misc.init_run(args, training=not args.eval)  # --eval writes nothing: --output_dir is not claimed
 
     # <data_path>/train with weak augmentation (TF-style RandomResizedCrop + flip), <data_path>/val
     sampler_train, data_loader_train, data_loader_val = build_classification_loaders(args, build_linprobe_transform)
@@ -91,10 +94,14 @@ def main(args):
                                       log_writer, args, start_iter, max_accuracy, frozen_backbone=True)
 
         test_stats = evaluate(data_loader_val, model, device, args)  # prints the accuracy
+        # log.txt before the checkpoint: a kill between the two loses no line (see log_epoch)
+        misc.log_epoch(args, log_writer, epoch, train_stats, test_stats, start_iter, n_parameters=n_parameters)
         max_accuracy = ckpt.save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler,
                                              test_acc1=test_stats["acc1"], max_accuracy=max_accuracy)
-        misc.log_epoch(args, log_writer, epoch, train_stats, test_stats, n_parameters=n_parameters)
 
 
 if __name__ == "__main__":
-    misc.run(main, get_args_parser().parse_args())
+    parser = get_args_parser(add_help=True)
+    args = parser.parse_args()
+    check_args(parser, args)  # a bad flag: one line and exit status 2, as argparse
+    misc.run(main, args)

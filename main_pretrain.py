@@ -20,7 +20,7 @@ import torch
 import util.checkpoint as ckpt
 import util.misc as misc
 from engine_pretrain import train_one_epoch
-from util.args import add_common_args, resolve_lr
+from util.args import add_common_args, check_args, resolve_lr
 from util.datasets import (build_dataset, build_eval_transform, build_pretrain_transform, build_train_loader,
                            load_and_transform)
 from util.dist import is_main_process, wrap_model
@@ -28,8 +28,10 @@ from util.models import build_pretrain_model
 from util.visualize import save_reconstructions
 
 
-def get_args_parser():
-    parser = argparse.ArgumentParser("MAE pre-training", add_help=True)
+def get_args_parser(add_help=False):
+    """The flags of this script; add_help=False as the original, so that its launchers can use
+    it as a parent parser (argparse.ArgumentParser(parents=[get_args_parser()]))."""
+    parser = argparse.ArgumentParser("MAE pre-training", add_help=add_help)
     add_common_args(parser)
     parser.add_argument("--mask_ratio", default=0.75, type=float,
                         help="masking ratio (fraction of the patches removed)")
@@ -99,8 +101,9 @@ def main(args):
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       log_writer, args, start_iter=start_iter)
 
+        # log.txt before the checkpoint: a kill between the two loses no line (see log_epoch)
+        misc.log_epoch(args, log_writer, epoch, train_stats, start_iter=start_iter)
         ckpt.save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler)
-        misc.log_epoch(args, log_writer, epoch, train_stats)
 
         if vis_images is not None and (epoch % args.vis_freq == 0 or epoch + 1 == args.epochs):
             path = os.path.join(args.output_dir, "reconstructions", f"epoch_{epoch:04d}.png")
@@ -109,4 +112,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    misc.run(main, get_args_parser().parse_args())
+    parser = get_args_parser(add_help=True)
+    args = parser.parse_args()
+    check_args(parser, args)  # a bad flag: one line and exit status 2, as argparse
+    misc.run(main, args)

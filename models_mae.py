@@ -18,6 +18,11 @@ from timm.models.vision_transformer import Block
 from util.pos_embed import get_2d_sincos_pos_embed
 
 
+def num_visible_patches(num_patches, mask_ratio):
+    """K, the patches of an image the encoder sees: int(L * (1 - mask_ratio)), as the original."""
+    return int(num_patches * (1 - mask_ratio))
+
+
 class MaskedAutoencoderViT(nn.Module):
     """Masked Autoencoder with a VisionTransformer backbone."""
 
@@ -108,7 +113,7 @@ class MaskedAutoencoderViT(nn.Module):
         patch order, ids_restore (N, L).
         """
         N, L, D = x.shape
-        len_keep = int(L * (1 - mask_ratio))
+        len_keep = num_visible_patches(L, mask_ratio)
         if noise is None:
             noise = torch.rand(N, L, device=x.device)
         ids_shuffle = torch.argsort(noise, dim=1)  # ascend: small is keep, large is remove

@@ -4,9 +4,13 @@ generated toy image folders, tiny models, and the subprocess runner of the end-t
 `pytest -m "not slow"` leaves out the chain test, the multi-process (torchrun / gloo) tests, the
 fault-injection (SIGKILL) tests and the longer end-to-end runs: about a minute on 2 cores.
 """
+import builtins
 import os
+import runpy
 import subprocess
 import sys
+import traceback
+import warnings
 
 import pytest
 import torch
@@ -119,4 +123,36 @@ def run_script():
         if check:
             assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-6000:]}"
         return proc.returncode, output
+    return run
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """cli(script, *flags) -> (exit status, stdout + stderr + warnings) of `python script flags`,
+    run in this process (runpy, as __main__, without a launcher's variables): the command line
+    without the interpreter's start-up. An uncaught exception counts as exit status 1, as in a
+    shell."""
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    real_print = builtins.print
+
+    def run(script, *args):
+        monkeypatch.setattr(builtins, "print", builtins.print)  # the scripts time-stamp print()
+        monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+        capsys.readouterr()
+        status = 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                runpy.run_path(os.path.join(REPO, script), run_name="__main__")
+            except SystemExit as e:
+                status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # what the interpreter would print before exiting with status 1
+                builtins.print = real_print
+                traceback.print_exc()
+                status = 1
+        captured = capsys.readouterr()
+        shown = "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
+        return status, captured.out + captured.err + shown
+
     return run

@@ -6,6 +6,7 @@ import os
 import pickle
 import random
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from conftest import REPO, SUBPROCESS_ENV
-from util import checkpoint, misc
+from util import checkpoint, misc, run_dir
 from util.checkpoint import ResumePoint
 
 
@@ -72,7 +73,7 @@ def test_atomic_save_survives_sigkill(tmp_path):
         try:
             assert proc.stdout.readline().strip() == "0"
             assert proc.stdout.readline().strip() == "1"  # save 0 is complete, save 1 starts
-            tmp_name = tmp_path / f".{path.name}.tmp-{proc.pid}"
+            tmp_name = tmp_path / f".{path.name}.tmp-{socket.gethostname()}-{proc.pid}"
             temp_names.add(tmp_name.name)
             deadline = time.time() + 20
             while not tmp_name.exists() and time.time() < deadline:  # wait until a save is in progress
@@ -235,7 +236,7 @@ def fresh(make_args):
     """fresh(seed, output_dir, resume="") -> (model, optimizer, scaler, args) of a new process
     started with `--seed seed --output_dir output_dir --resume resume` (auto-resume on)."""
     def make(seed, output_dir, resume=""):
-        checkpoint.check_output_dir(str(output_dir))
+        run_dir.check_output_dir(str(output_dir))
         checkpoint.seed_everything(seed)
         model = Noisy()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
@@ -398,12 +399,12 @@ def test_auto_resume_skips_checkpoints_of_another_script_or_model(tmp_path, caps
 
 def test_check_output_dir(tmp_path):
     target = tmp_path / "a" / "b"
-    checkpoint.check_output_dir(str(target))
+    run_dir.check_output_dir(str(target))
     assert target.is_dir() and os.listdir(target) == []
     (tmp_path / "file.txt").write_text("x")
     blocked = tmp_path / "file.txt" / "sub"  # can never be created, even as root
     with pytest.raises(RuntimeError, match="file.txt/sub"):
-        checkpoint.check_output_dir(str(blocked))
+        run_dir.check_output_dir(str(blocked))
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     try:
@@ -416,7 +417,7 @@ def test_check_output_dir(tmp_path):
         if writable:
             pytest.skip("running as root: permissions are not enforced")
         with pytest.raises(RuntimeError, match="locked"):
-            checkpoint.check_output_dir(str(locked))
+            run_dir.check_output_dir(str(locked))
     finally:
         locked.chmod(0o700)
 

@@ -56,11 +56,12 @@ def test_layer_id(name, layer):
 def test_groups_names_scales_and_decay(model):
     names = param_group_names_lrd(model, weight_decay=0.05,
                                   no_weight_decay_list=model.no_weight_decay(), layer_decay=0.75)
-    # group names, in model parameter order: layer 0 first, the head's layer last
+    # group names, in the original's parameter order: layer 0 first, the head's layer last, where
+    # the original's head (registered before fc_norm) puts the decay group first
     expected_keys = ["layer_0_no_decay", "layer_0_decay"]
     for layer in range(1, DEPTH + 1):
         expected_keys += [f"layer_{layer}_no_decay", f"layer_{layer}_decay"]
-    expected_keys += [f"layer_{NUM_LAYERS}_no_decay", f"layer_{NUM_LAYERS}_decay"]
+    expected_keys += [f"layer_{NUM_LAYERS}_decay", f"layer_{NUM_LAYERS}_no_decay"]
     assert list(names) == expected_keys
 
     # cls_token and pos_embed are 3-D but in no_weight_decay(): no decay, layer 0
@@ -73,7 +74,7 @@ def test_groups_names_scales_and_decay(model):
         "blocks.11.norm1.weight", "blocks.11.norm1.bias", "blocks.11.attn.qkv.bias",
         "blocks.11.attn.proj.bias", "blocks.11.norm2.weight", "blocks.11.norm2.bias",
         "blocks.11.mlp.fc1.bias", "blocks.11.mlp.fc2.bias"]
-    assert names["layer_13_no_decay"]["params"] == ["fc_norm.weight", "fc_norm.bias", "head.bias"]
+    assert names["layer_13_no_decay"]["params"] == ["head.bias", "fc_norm.weight", "fc_norm.bias"]
     assert names["layer_13_decay"]["params"] == ["head.weight"]
 
     for key, group in names.items():

@@ -420,8 +420,8 @@ def test_init_run_single_process(tmp_path, monkeypatch, capsys, make_args):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     out = tmp_path / "out"
     out.mkdir()
-    saved = checkpoint.save_model(make_args("pretrain", "--output_dir", out), 3, nn.Linear(2, 2), None, None)
     argv = ["--device", "cpu", "--seed", "7", "--output_dir", str(out), "--log_dir", str(tmp_path / "tb" / "x")]
+    saved = checkpoint.save_model(make_args("pretrain", *argv), 3, nn.Linear(2, 2), None, None)  # same flags
     args = make_args("pretrain", *argv)
 
     device = misc.init_run(args)
@@ -452,8 +452,8 @@ class FakeSampler:
         self.calls.append((epoch, start))
 
 
-def test_epochs_to_train_from_a_resume_point(make_args, capsys):
-    args = make_args("pretrain", "--epochs", 5, "--batch_size", 8, precision="fp32")
+def test_epochs_to_train_from_a_resume_point(make_args, capsys, tmp_path):
+    args = make_args("pretrain", "--epochs", 5, "--batch_size", 8, "--output_dir", tmp_path, precision="fp32")
     sampler, writer = FakeSampler(), FakeWriter()
     epochs = misc.epochs_to_train(args, ResumePoint(2, 3), sampler, writer)
     assert next(epochs) == (2, 3)  # the resumed epoch, 3 iterations already done

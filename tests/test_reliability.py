@@ -15,27 +15,23 @@ sys.argv set: `python main_*.py <flags>` without the interpreter start-up, which
 than these runs); an uncaught exception there counts as exit status 1, as in a shell.
 """
 import argparse
-import builtins
 import hashlib
 import io
 import os
 import re
-import runpy
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import traceback
-import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import LAUNCHER_VARS, REPO, SUBPROCESS_ENV
+from conftest import REPO, SUBPROCESS_ENV
 from util.checkpoint import atomic_save, find_latest_checkpoint, load_checkpoint
 
 PRETRAIN = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "16", "--batch_size", "4",
@@ -44,7 +40,7 @@ PRETRAIN = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_si
 CLASSIFY = ["--model", "vit_tiny_patch16", "--input_size", "32", "--patch_size", "16", "--nb_classes", "4",
             "--batch_size", "8", "--device", "cpu", "--num_workers", "0", "--precision", "fp32", "--seed", "0",
             "--warmup_epochs", "0", "--save_freq", "1", "--log_freq", "1"]
-FINAL_NAMES = re.compile(r"checkpoint-(\d+|last|best)\.pth|log\.txt|events\.out\.tfevents\..*")
+FINAL_NAMES = re.compile(r"checkpoint-(\d+|last|best)\.pth|log\.txt|run\.json|events\.out\.tfevents\..*")
 
 needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc to find the ranks")
 
@@ -160,36 +156,6 @@ def assert_same_training_state(path_a, path_b):
         assert ra["python"] == rb["python"]
 
 
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """cli(script, *flags) -> (exit status, stdout + stderr + warnings) of `python script flags`,
-    run in this process (runpy, as __main__)."""
-    for var in LAUNCHER_VARS:
-        monkeypatch.delenv(var, raising=False)
-    real_print = builtins.print
-
-    def run(script, *args):
-        monkeypatch.setattr(builtins, "print", builtins.print)  # the scripts time-stamp print()
-        monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
-        capsys.readouterr()
-        status = 0
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                runpy.run_path(os.path.join(REPO, script), run_name="__main__")
-            except SystemExit as e:
-                status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            except Exception:  # what the interpreter would print before exiting with status 1
-                builtins.print = real_print
-                traceback.print_exc()
-                status = 1
-        captured = capsys.readouterr()
-        shown = "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
-        return status, captured.out + captured.err + shown
-
-    return run
-
-
 # ---------------------------------------------------------------------------------------------
 # Shared runs
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +247,8 @@ def test_sigkill_mid_save_mid_epoch_then_resume_is_bit_exact(reference, data, tm
     status, log = cli("main_pretrain.py", *cmd[2:])
     assert status == 0, log[-3000:]
     assert f"Auto-resume from {last}" in log and f"continuing at epoch 0, iteration {step}" in log
-    assert "left from an interrupted save" in log  # the temp file of the kill is reported
+    assert "the partial file of a save interrupted in process" in log  # the kill's temp file is removed
+    assert not [name for name in os.listdir(out) if ".tmp-" in name]
     for name in ("checkpoint-0.pth", "checkpoint-1.pth"):
         assert_same_training_state(out / name, uninterrupted / name)
 
@@ -316,7 +283,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(reference, data, tm
     out.mkdir()
     shutil.copy(one_epoch / "checkpoint-0.pth", out)
     digest = sha256(out / "checkpoint-0.pth")
-    status, log = cli("main_pretrain.py", *flags(PRETRAIN, data, out, "--epochs", 2, "--lr", 1e30))
+    # another --lr on purpose: named by --resume (auto-resume stops on a changed lr)
+    status, log = cli("main_pretrain.py", *flags(PRETRAIN, data, out, "--epochs", 2, "--lr", 1e30,
+                                                 "--resume", out / "checkpoint-0.pth"))
     assert status == 1, log[-3000:]
     assert "continuing at epoch 1, iteration 0" in log
     assert f"ERROR: {NAN_MESSAGE}" in log and "Traceback" not in log  # one clear line
@@ -331,7 +300,7 @@ def test_non_finite_loss_with_save_every_iters_leaves_a_resumable_checkpoint(ref
     out.mkdir()
     shutil.copy(one_epoch / "checkpoint-0.pth", out)
     status, log = cli("main_pretrain.py", *flags(PRETRAIN, data, out, "--epochs", 2, "--lr", 1e30,
-                                                 "--save_every_iters", 1))
+                                                 "--save_every_iters", 1, "--resume", out / "checkpoint-0.pth"))
     assert status == 1 and NAN_MESSAGE in log, log[-3000:]
     # the user follows the advice: rerun with a sane lr, auto-resuming from the last good checkpoint
     status, log = cli("main_pretrain.py", *flags(PRETRAIN, data, out, "--epochs", 2, "--save_every_iters", 1))
@@ -465,24 +434,26 @@ def test_checkpoint_with_arbitrary_code_is_refused(reference, data, tmp_path, cl
     evil = tmp_path / "evil.pth"
     torch.save({"model": model, "evil": payload.Payload(str(marker))}, evil)
 
-    status, log = cli("main_finetune.py", *flags(CLASSIFY, data, tmp_path / "ft", "--epochs", 0,
+    status, log = cli("main_finetune.py", *flags(CLASSIFY, data, tmp_path / "ft", "--epochs", 1,
                                                  "--finetune", evil))
     assert status == 1, log[-2000:]
     assert f"Refused to load checkpoint '{evil}'" in log and "mae_evil_payload.touch" in log
     assert "--unsafe_load" in log and "arbitrary code" in log
     assert not marker.exists()
 
-    # a foreign checkpoint dropped into the output folder is skipped by auto-resume, not run
+    # a foreign checkpoint dropped into the output folder is not run by auto-resume; being the only
+    # checkpoint there, the run stops rather than start from scratch over it
     out = tmp_path / "pt"
     out.mkdir()
     shutil.copy(evil, out / "checkpoint-3.pth")
-    status, log = cli("main_pretrain.py", *flags(PRETRAIN, data, out, "--epochs", 0))
-    assert status == 0, log[-2000:]
+    status, log = cli("main_pretrain.py", *flags(PRETRAIN, data, out, "--epochs", 1))
+    assert status == 1, log[-2000:]
     assert f"skipping unreadable checkpoint '{out / 'checkpoint-3.pth'}'" in log and "Auto-resume" not in log
+    assert "only unreadable ones" in log and "mae_evil_payload.touch" in log
     assert not marker.exists()
 
     # knowingly overridden: it loads (and the payload does run)
-    status, log = cli("main_finetune.py", *flags(CLASSIFY, data, tmp_path / "ft2", "--epochs", 0,
+    status, log = cli("main_finetune.py", *flags(CLASSIFY, data, tmp_path / "ft2", "--epochs", 1,
                                                  "--finetune", evil, "--unsafe_load"))
     assert status == 0, log[-2000:]
     assert f"Load pre-trained checkpoint from: {evil}" in log
@@ -527,7 +498,7 @@ def test_original_release_checkpoint_loads_safely(reference, data, tmp_path, cli
     assert {int(s["step"]) for s in resumed["optimizer"]["state"].values()} == {8}
     assert not torch.equal(resumed["model"]["blocks.0.attn.qkv.weight"], ours["model"]["blocks.0.attn.qkv.weight"])
 
-    status, log = cli("main_finetune.py", *flags(CLASSIFY, data, tmp_path / "ft", "--epochs", 0,
+    status, log = cli("main_finetune.py", *flags(CLASSIFY, data, tmp_path / "ft", "--epochs", 1,
                                                  "--finetune", original))
     assert status == 0, log[-3000:]
     assert f"Load pre-trained checkpoint from: {original}" in log and "Refused" not in log

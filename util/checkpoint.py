@@ -1,6 +1,7 @@
 """Checkpoints: atomic save, safe load, RNG state, compatibility checks, resume and auto-resume,
-the output-folder probe, the save policy, the non-finite guards that decide whether a checkpoint
-may be written, and the --finetune loading of a pretrained encoder into a classifier.
+the save policy, the non-finite guards that decide whether a checkpoint may be written, and the
+--finetune loading of a pretrained encoder into a classifier. The output folder itself (probe,
+lock, whose run it holds) is util/run_dir.py's.
 
 Rules followed here:
 - checkpoints are written atomically (temp file + fsync + os.replace), by rank 0 only, and hold
@@ -9,20 +10,24 @@ Rules followed here:
 - checkpoints are loaded with torch.load(weights_only=True) unless the user knowingly opts out.
 """
 import argparse
+import errno
 import fnmatch
 import math
 import os
+import pathlib
 import pickle
 import random
 import re
 import socket
 import sys
+import zipfile
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from util import preemption
 from util.dist import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 from util.pos_embed import interpolate_patch_embed, interpolate_pos_embed
 
@@ -116,10 +121,28 @@ def _as_tuples(x):
 # Save and load
 # ---------------------------------------------------------------------------------------------
 
+
+def _path_globals():
+    """(class, pickled name) pairs of the pathlib paths that the original's SLURM launcher
+    (submitit) left in args: under the names of Python <= 3.12 ('pathlib.PosixPath') and 3.13
+    ('pathlib._local.PosixPath'); the other OS's concrete path (which cannot be instantiated
+    here) comes back as its pure flavour."""
+    here_posix = os.name != "nt"
+    classes = {"PurePath": pathlib.PurePath, "PurePosixPath": pathlib.PurePosixPath,
+               "PureWindowsPath": pathlib.PureWindowsPath, "Path": pathlib.Path,
+               "PosixPath": pathlib.PosixPath if here_posix else pathlib.PurePosixPath,
+               "WindowsPath": pathlib.PureWindowsPath if here_posix else pathlib.WindowsPath}
+    return [(cls, f"{module}.{name}") for name, cls in classes.items() for module in ("pathlib", "pathlib._local")]
+
+
 # Types a checkpoint of this repo or of the original release may hold besides tensors and python
-# builtins: the original scripts pickled their argparse.Namespace under 'args'.
-SAFE_GLOBALS = [argparse.Namespace]
+# builtins: the original scripts pickled their argparse.Namespace under 'args', with pathlib
+# paths in it when launched by its submitit_*.py (torch rebuilds both without running code).
+SAFE_GLOBALS = [argparse.Namespace, *_path_globals()]
 _CKPT_NAME = re.compile(r"checkpoint-(\d+|last)\.pth")
+_NUMBERED_CKPT = re.compile(r"checkpoint-(\d+)\.pth")
+# `.<name>.tmp-<host>-<pid>` of atomic_save, and `.<name>.tmp-<pid>` of earlier versions
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)")
 
 
 def _fsync_dir(folder):
@@ -132,26 +155,88 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
+def _hostname():
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
+
+
+def _no_space(error):
+    """Whether error, or an exception it was raised from (torch.save wraps the OSError of a
+    failed write in a RuntimeError), is a full disk or quota."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def temp_path(path):
+    """Where an atomic write of `path` goes first: `.<name>.tmp-<host>-<pid>` in the same folder
+    (remove_stale_temp_files recognises it)."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    return os.path.join(folder, f".{name}.tmp-{_hostname()}-{os.getpid()}")
+
+
 def atomic_save(obj, path):
     """torch.save `obj` so that `path` always holds either the old file or the complete new one.
 
-    Writes `.<name>.tmp-<pid>` in the same folder, fsyncs it, renames it onto `path` with
+    Writes `.<name>.tmp-<host>-<pid>` in the same folder, fsyncs it, renames it onto `path` with
     os.replace (atomic on POSIX and Windows) and fsyncs the folder so the rename survives a crash.
+    A temp file left by a killed process is removed at the next start (remove_stale_temp_files).
+    A full disk raises OSError(ENOSPC) naming `path`; the previous file stays.
     """
     path = os.path.abspath(os.fspath(path))
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    folder = os.path.dirname(path)
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if _no_space(e):
+            kept = "the previous one is unchanged" if os.path.exists(path) else "nothing was written"
+            raise OSError(errno.ENOSPC, f"no space left on the device to write '{path}' ({kept}): free some "
+                          "space (e.g. --keep_last) or choose another --output_dir") from e
         raise
     _fsync_dir(folder)
+
+
+def _pid_alive(pid):
+    """Whether process `pid` runs on this host (a process of another user counts as alive)."""
+    if os.name != "posix":  # os.kill(pid, 0) would terminate it on Windows: assume alive
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder):
+    """Remove the temp files of atomic_save in `folder` whose process is gone: a save killed
+    midway leaves one (as large as a checkpoint). Only files named by this host are judged; a
+    live process's save, or another host's on a shared filesystem, is left alone. Call on rank 0
+    before training. Returns the removed paths."""
+    removed = []
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    for name in sorted(names):
+        match = _TEMP_NAME.fullmatch(name)
+        if not match or match["host"] not in (None, _hostname()) or _pid_alive(int(match["pid"])):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            continue
+        print(f"Removed '{path}': the partial file of a save interrupted in process {match['pid']}, "
+              "which is no longer running")
+        removed.append(path)
+    return removed
 
 
 def _plain(value):
@@ -167,19 +252,21 @@ def _plain(value):
     return str(value)  # paths, devices, dtypes, ...
 
 
-def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra=None, tag=None, step=None):
+def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra=None, tag=None, step=None,
+               rng=True):
     """Write {output_dir}/checkpoint-{tag or epoch}.pth atomically on rank 0.
 
-    Every rank must call it: the RNG states of all ranks are gathered into 'rng' (list by rank).
+    Every rank must call it: the RNG states of all ranks are gathered into 'rng' (list by rank);
+    rng=False leaves them out (with optimizer and loss_scaler None: what evaluation needs).
     step: iterations completed inside `epoch` (None = the epoch is complete).
     Returns the path on rank 0, None on the other ranks. Raises NonFiniteWeightsError, writing
     nothing, when the weights hold a NaN or an infinity.
     """
     check_finite_weights(model_without_ddp, epoch, "end" if step is None else step)
-    rng = [get_rng_state()]
-    if is_dist_avail_and_initialized():
-        rng = [None] * get_world_size()
-        dist.all_gather_object(rng, get_rng_state())
+    states = [get_rng_state()] if rng else None
+    if rng and is_dist_avail_and_initialized():
+        states = [None] * get_world_size()
+        dist.all_gather_object(states, get_rng_state())
     if not is_main_process():
         return None
     checkpoint = {
@@ -187,8 +274,9 @@ def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra=Non
         "epoch": epoch,
         "step": step,
         "args": argparse.Namespace(**{k: _plain(v) for k, v in vars(args).items()}),
-        "rng": rng,
     }
+    if rng:
+        checkpoint["rng"] = states
     if optimizer is not None:
         checkpoint["optimizer"] = optimizer.state_dict()
     if loss_scaler is not None:
@@ -199,34 +287,111 @@ def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra=Non
     return path
 
 
-def _refused_global(message):
-    match = re.search(r"Unsupported global: GLOBAL (\S+)", message)
-    if match:
-        return f"the type {match.group(1)}"
-    return "an object: " + message.strip().splitlines()[-1]
+class CorruptCheckpointError(RuntimeError):
+    """load_checkpoint: the file is empty, truncated or corrupt, or not a PyTorch checkpoint."""
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """load_checkpoint: the checkpoint refers to types that the safe loader does not allow."""
+
+
+def _file_kind(path):
+    """'empty', 'zip' (torch.save's format since torch 1.6), 'legacy' (a pickle: the format
+    before) or 'other' (not written by torch.save), from the first bytes of the file."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK"):
+        return "zip"
+    return "legacy" if head.startswith(b"\x80") else "other"
+
+
+def _data_pkl(path):
+    """The name of the pickle inside a zip checkpoint ('<archive>/data.pkl'), or None."""
+    with zipfile.ZipFile(path) as archive:
+        return next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+
+
+def _unsafe_globals_in(path):
+    """torch's static scan of a zip checkpoint's pickle: the globals it refers to that the safe
+    loader does not allow (with SAFE_GLOBALS allowed)."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a zip, a truncated archive, torch < 2.6 (no such function)
+        return []
+
+
+def _refused_globals(error, path):
+    """The globals that made the safe loader refuse `path`: named in torch's message (or the
+    exception it chains), else found by torch's static scan of the pickle: torch's wording
+    varies ('Unsupported global: GLOBAL x.Y ...', 'unsupported GLOBAL posix.system whose module
+    posix is blocked', or no name at all)."""
+    for e in (error, error.__cause__, error.__context__):
+        match = e is not None and re.search(r"GLOBAL (\S+)", str(e))
+        if match:
+            return [match.group(1)]
+    return _unsafe_globals_in(path)
+
+
+def _refusal(path, refused, error):
+    what = ", ".join(refused) if refused else "an object (" + str(error).strip().splitlines()[-1] + ")"
+    return (f"Refused to load checkpoint '{path}': it refers to {what}, which is not on the allow-list of "
+            "safe types. Unpickling arbitrary objects can run arbitrary code. If you trust this file, pass "
+            "--unsafe_load (load_checkpoint(..., unsafe=True)) to load it with weights_only=False.")
+
+
+def _damage(path, kind, error):
+    """The message of a file that torch.load could not read (`error`) for another reason than an
+    unsafe type: not a PyTorch checkpoint, or truncated / corrupt."""
+    detail = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+    if kind == "zip" and zipfile.is_zipfile(path) and _data_pkl(path) is None:
+        return f"'{path}' is not a PyTorch checkpoint: a zip archive without data.pkl ({detail})"
+    if kind == "legacy" and "magic number" in str(error):
+        return f"'{path}' is not a PyTorch checkpoint: a pickle without torch.save's header ({detail})"
+    return (f"checkpoint '{path}' is truncated or corrupt ({detail}): a save or a copy that did not "
+            "complete? Use another checkpoint, or copy this one again.")
 
 
 def load_checkpoint(path, unsafe=False, mmap=False):
     """Load a checkpoint (file path or http(s) URL) onto the CPU, safely by default.
 
     Uses torch.load(weights_only=True) with SAFE_GLOBALS allowed; unsafe=True (--unsafe_load)
-    uses weights_only=False, which can execute code stored in the file.
+    uses weights_only=False, which can execute code stored in the file. mmap: memory-map a file
+    of torch's zip format (a legacy-format file is read normally).
+    Raises FileNotFoundError; CorruptCheckpointError for a file that is empty, not a PyTorch
+    checkpoint (a JPEG, text), or truncated / corrupt; UnsafeCheckpointError naming the types
+    that the safe loader refused. Each message names the file.
     """
     path = os.fspath(path)
-    is_url = path.startswith(("http://", "https://"))
-    if not is_url and not os.path.isfile(path):
+    if path.startswith(("http://", "https://")):
+        try:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                return torch.hub.load_state_dict_from_url(path, map_location="cpu", weights_only=not unsafe)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(_refusal(path, _refused_globals(e, path), e)) from e
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: '{path}'")
+    kind = _file_kind(path)
+    if kind == "empty":
+        raise CorruptCheckpointError(f"checkpoint '{path}' is empty (0 bytes): a save or a copy that never "
+                                     "completed? Use another checkpoint, or copy this one again.")
+    if kind == "other":
+        raise CorruptCheckpointError(f"'{path}' is not a PyTorch checkpoint (it does not start like a file "
+                                     "written by torch.save): is it the file you meant?")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            if is_url:
-                return torch.hub.load_state_dict_from_url(path, map_location="cpu", weights_only=not unsafe)
-            return torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=mmap)
+            return torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=mmap and kind == "zip")
     except pickle.UnpicklingError as e:
-        raise RuntimeError(
-            f"Refused to load checkpoint '{path}': it contains {_refused_global(str(e))}, which is not "
-            "on the allow-list of safe types. Unpickling arbitrary objects can run arbitrary code. If you "
-            "trust this file, pass --unsafe_load (load_checkpoint(..., unsafe=True)) to load it with "
-            "weights_only=False.") from e
+        refused = [] if unsafe else _refused_globals(e, path)
+        if refused:
+            raise UnsafeCheckpointError(_refusal(path, refused, e)) from e
+        raise CorruptCheckpointError(_damage(path, kind, e)) from e
+    except (OSError, ImportError, MemoryError):  # permissions, a missing module (unsafe load), ...
+        raise
+    except Exception as e:  # torch's reader: RuntimeError, EOFError, KeyError, ...
+        raise CorruptCheckpointError(_damage(path, kind, e)) from e
 
 
 def _truncated(items, limit=10):
@@ -300,6 +465,8 @@ def resume(args, model_without_ddp, optimizer, loss_scaler, eval_only=False):
     print(f"Resume checkpoint {path}")
     max_accuracy = checkpoint.get("max_accuracy", 0.0)
     if optimizer is None or "optimizer" not in checkpoint or eval_only:
+        if not eval_only and optimizer is not None:  # e.g. checkpoint-best.pth: weights only
+            print(f"'{path}' holds no optimizer state: training starts from its weights at epoch {args.start_epoch}")
         return ResumePoint(args.start_epoch, 0, max_accuracy)
     optimizer.load_state_dict(checkpoint["optimizer"])
     if loss_scaler is not None and "scaler" in checkpoint:
@@ -339,24 +506,44 @@ def _other_run(checkpoint, run):
     return None
 
 
+class UnreadableCheckpointsError(RuntimeError):
+    """find_latest_checkpoint: every checkpoint in the folder is unreadable."""
+
+
+def _rename_aside(path, suffix):
+    """Rename path to path + suffix (+ '-1', '-2', ... when taken), never overwriting; returns
+    the new path."""
+    new, i = path + suffix, 0
+    while os.path.exists(new):
+        i += 1
+        new = f"{path}{suffix}-{i}"
+    os.rename(path, new)
+    return new
+
+
 def find_latest_checkpoint(output_dir, unsafe=False, run=None):
-    """Path of the checkpoint-<int>.pth / checkpoint-last.pth with the most progress, or None.
-    With run (the current args), checkpoints of another script or model are skipped with a
-    warning (e.g. pretraining checkpoints in the folder a finetuning run writes to)."""
+    """Path of the checkpoint-<int>.pth / checkpoint-last.pth with the most progress, or None
+    (never checkpoint-best.pth). With run (the current args), checkpoints of another script or
+    model are skipped with a warning (e.g. pretraining checkpoints in the folder a finetuning run
+    writes to). Unreadable checkpoints are skipped with a warning; when there are only
+    unreadable ones, UnreadableCheckpointsError lists them (rather than a start from scratch
+    over them); else the corrupt ones among them are renamed to <name>.corrupt (kept to inspect,
+    never overwritten by the saves that follow). Call on rank 0."""
     if not os.path.isdir(output_dir):
         return None
-    best, best_progress = None, None
+    best, best_progress, unreadable = None, None, {}
     for name in sorted(os.listdir(output_dir)):
         path = os.path.join(output_dir, name)
-        if name.startswith(".") and ".tmp-" in name:
-            print(f"WARNING: '{path}' is left from an interrupted save; it is ignored and can be deleted")
+        if _TEMP_NAME.fullmatch(name):  # a process still alive, or another host's
+            print(f"WARNING: '{path}' is the temp file of a save in progress or interrupted; it is ignored")
         if not _CKPT_NAME.fullmatch(name):
             continue
         try:
             checkpoint = load_checkpoint(path, unsafe=unsafe, mmap=True)
             progress = _progress(checkpoint)
-        except Exception as e:  # corrupt / truncated / foreign file: never fatal here
+        except Exception as e:  # corrupt / truncated / foreign file
             print(f"WARNING: skipping unreadable checkpoint '{path}': {type(e).__name__}: {e}")
+            unreadable[path] = e
             continue
         other = run is not None and _other_run(checkpoint, run)
         if other:
@@ -364,6 +551,15 @@ def find_latest_checkpoint(output_dir, unsafe=False, run=None):
             continue
         if best_progress is None or progress > best_progress:
             best, best_progress = path, progress
+    if unreadable and best is None:
+        raise UnreadableCheckpointsError(
+            f"auto-resume found no readable checkpoint in '{output_dir}', only unreadable ones:\n"
+            + "".join(f"  {type(e).__name__}: {e}\n" for e in unreadable.values())
+            + "Not starting from scratch over them: pass --resume with a good checkpoint, --unsafe_load for "
+            "files you trust, or move them away (or set --output_dir elsewhere) to start from scratch.")
+    for path, e in unreadable.items():
+        if isinstance(e, CorruptCheckpointError):
+            print(f"Renamed the unreadable '{path}' to '{_rename_aside(path, '.corrupt')}'")
     return best
 
 
@@ -377,25 +573,17 @@ def auto_resume(args):
         return args.resume
     choice = [None]
     if is_main_process():
-        choice[0] = find_latest_checkpoint(args.output_dir, unsafe=args.unsafe_load, run=args)
+        try:
+            choice[0] = find_latest_checkpoint(args.output_dir, unsafe=args.unsafe_load, run=args)
+        except UnreadableCheckpointsError as e:  # every rank stops with it
+            choice[0] = e
     if is_dist_avail_and_initialized():
         dist.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], UnreadableCheckpointsError):
+        raise choice[0]
     if choice[0]:
         print(f"Auto-resume from {choice[0]}")
     return choice[0] or ""
-
-
-def check_output_dir(path):
-    """Create `path` (with parents) and check it is writable; raise a clear error otherwise."""
-    probe = os.path.join(path, f".write-probe-{socket.gethostname()}-{os.getpid()}")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise RuntimeError(f"output folder '{path}' is not writable ({type(e).__name__}: {e.strerror or e}); "
-                           "choose another --output_dir / --log_dir") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,14 +597,37 @@ def mid_epoch_save_due(args, done, update_grad):
     return args.save_every_iters > 0 and update_grad and done % args.save_every_iters == 0
 
 
+def checkpoint_step(args, log, epoch, done, update_grad, model_without_ddp, optimizer, loss_scaler, extra=None):
+    """The training engines' checkpointing after iteration `done` (1-based) of `epoch`, at an
+    optimizer step (update_grad): checkpoint-last.pth every --save_every_iters iterations, and on
+    a SIGTERM / SIGUSR1 that all ranks agree on (util.preemption.stop_requested) the same save,
+    then preemption.Preempted is raised. The losses buffered in `log` (a misc.TrainingLog) are
+    synced first, so a non-finite loss stops the run before diverged weights are saved.
+    extra: entries added to the checkpoint (e.g. {'max_accuracy': ...}). All ranks call it."""
+    if not update_grad:
+        return
+    stop = preemption.stop_requested(done, log.iters_per_epoch, args.accum_iter)  # signal number or 0
+    if not (stop or mid_epoch_save_due(args, done, update_grad)):
+        return
+    log.sync()
+    path = None
+    if args.output_dir:
+        path = save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra=extra, tag="last", step=done)
+    if stop:
+        raise preemption.Preempted(stop, epoch, done, path)
+
+
 def save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, test_acc1=None, max_accuracy=0.0):
-    """The end-of-epoch checkpoints: checkpoint-<epoch>.pth every --save_freq epochs and at the
-    last one, checkpoint-last.pth with --save_every_iters (so it is never older than the epoch
+    """The end-of-epoch checkpoints: checkpoint-<epoch>.pth every --save_freq epochs (every
+    epoch by default for the classifiers, 20 for pretraining, as the original) and at the last
+    one, then with --keep_last K the older numbered ones beyond the K newest are deleted;
+    checkpoint-last.pth with --save_every_iters (so it is never older than the epoch
     checkpoints). Nothing is written without --output_dir. All ranks call it.
 
     Classifiers pass this epoch's test top-1 and the best before it: the best so far is printed,
     held by every checkpoint as 'max_accuracy' and returned, and checkpoint-best.pth is written
-    when this epoch beats the previous best.
+    when this epoch beats the previous best, with what evaluation and --finetune need (model,
+    args, epoch, step None, max_accuracy) and no optimizer, scaler or RNG state.
     """
     improved = test_acc1 is not None and test_acc1 > max_accuracy
     extra = None
@@ -429,12 +640,32 @@ def save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, tes
     state = dict(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
                  loss_scaler=loss_scaler, epoch=epoch, extra=extra)
     if (args.save_freq > 0 and epoch % args.save_freq == 0) or epoch + 1 == args.epochs:
-        save_model(**state)
+        path = save_model(**state)
+        if path and args.keep_last > 0:  # rank 0, after a successful save
+            remove_old_checkpoints(args.output_dir, args.keep_last, path)
     if args.save_every_iters > 0:  # keep checkpoint-last.pth current
         save_model(**state, tag="last")
     if improved:
-        save_model(**state, tag="best")
+        save_model(args, epoch, model_without_ddp, None, None, extra=extra, tag="best", rng=False)
     return max_accuracy
+
+
+def remove_old_checkpoints(output_dir, keep, newest):
+    """--keep_last: delete the numbered checkpoint-<epoch>.pth of output_dir beyond the `keep`
+    of the highest epochs, never `newest` (the path just written); checkpoint-best.pth,
+    checkpoint-last.pth and files set aside are never touched. Returns the deleted paths."""
+    numbered = sorted(((int(m[1]), name) for name in os.listdir(output_dir)
+                       if (m := _NUMBERED_CKPT.fullmatch(name))), reverse=True)
+    removed = []
+    for _, name in numbered[keep:]:
+        path = os.path.join(output_dir, name)
+        if os.path.abspath(path) == os.path.abspath(newest):
+            continue
+        os.remove(path)
+        removed.append(path)
+    if removed:
+        print(f"--keep_last {keep}: deleted {', '.join(os.path.basename(p) for p in removed)}")
+    return removed
 
 
 def set_aside_diverged_checkpoint(output_dir, error):

@@ -29,6 +29,7 @@ from torchvision.transforms import functional as F
 
 from util.dist import get_rank, get_world_size
 from util.crop import RandomResizedCrop
+from util.preemption import worker_init_fn
 
 # What PIL raises for files it cannot decode (UnidentifiedImageError and "image file is
 # truncated" are OSErrors; some broken headers raise SyntaxError).
@@ -210,13 +211,25 @@ class BadImageWarning(UserWarning):
     """Emitted once per file (per process) when --skip_bad_images skips it."""
 
 
+def to_8_bits(img):
+    """A 16-bit grayscale image (PIL modes I;16, I;16B, ..., and I, which 16-bit PNGs and PGMs
+    open as on some Pillow versions) scaled to 8 bits (mode L, value >> 8); other images as they
+    are. convert("RGB") would clip every value above 255 to white."""
+    if not (img.mode == "I" or img.mode.startswith("I;16")):
+        return img
+    pixels = np.asarray(img).astype(np.int64).clip(0, 65535) >> 8  # (H, W) in [0, 255]
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
 def load_and_transform(path, transform):
     """Open the image at path and apply transform to it.
 
-    Like ImageFolder's loader the image is converted to RGB first, except for transforms that
-    decode it themselves (`transform.lazy_decode`), which get the opened, undecoded image.
+    Like ImageFolder's loader the image is converted to RGB first (16-bit images scaled to 8
+    bits before, see to_8_bits), except for transforms that decode it themselves
+    (`transform.lazy_decode`), which get the opened, undecoded image.
     """
     with Image.open(path) as img:
+        img = to_8_bits(img)
         if transform is not None and getattr(transform, "lazy_decode", False):
             return transform(img)
         img = img.convert("RGB")
@@ -249,6 +262,69 @@ def seeded_rngs(seed):
         np.random.set_state(np_state)
 
 
+class SymlinkWarning(UserWarning):
+    """A symlinked folder of a dataset that is not followed: a loop, or a second way into a folder
+    already read."""
+
+
+def _skip_if_seen(path, seen):
+    """True (with a SymlinkWarning naming it) when the folder at path is one of seen, a dict
+    {(st_dev, st_ino): the path it was read as}; else False, and the folder added to seen."""
+    try:
+        st = os.stat(path)  # follows symlinks
+    except OSError:  # vanished, or a dangling link
+        return True
+    key = st.st_dev, st.st_ino
+    if key not in seen:
+        seen[key] = path
+        return False
+    target = os.path.realpath(path)
+    if os.path.commonpath([target, os.path.realpath(os.path.dirname(path))]) == target:
+        why = f"a symlink loop ({target} contains it)"
+    else:
+        why = f"{target} is already read as {seen[key]}"
+    warnings.warn(f"not following {path}: {why}", SymlinkWarning)
+    return True
+
+
+def _walk_real(top, seen, links):
+    """[(folder, file names)] of top and of the folders under it reached without following a
+    symlink, less folders already in seen; the symlinked sub-folders are appended to links."""
+    found = []
+    for folder, subdirs, files in os.walk(top):  # followlinks=False
+        found.append((folder, files))
+        paths = [os.path.join(folder, d) for d in sorted(subdirs)]
+        links += [p for p in paths if os.path.islink(p)]
+        subdirs[:] = [os.path.basename(p) for p in paths
+                      if not os.path.islink(p) and not _skip_if_seen(p, seen)]
+    return found
+
+
+def find_images_once(directory, class_to_idx, is_valid_file):
+    """ImageFolder's samples [(path, class index)], in its order (by class, then folder path,
+    then file name), but reading each real folder once: torchvision's os.walk(followlinks=True)
+    repeats a folder under a symlink loop (about 40 times, under the wrong label for a link to
+    an ancestor; two loops never end). Real folders are read first, then the symlinked folders
+    not read yet; the others are skipped with a SymlinkWarning naming them."""
+    seen = {}
+    _skip_if_seen(directory, seen)  # the root: a link back to it is a loop
+    folders = {c: [] for c in class_to_idx}  # class -> [(folder, file names)]
+    links = []  # (class, symlinked folder), followed once every real folder is read
+    for c in sorted(class_to_idx):
+        top, found = os.path.join(directory, c), []
+        if os.path.isdir(top) and not _skip_if_seen(top, seen):
+            folders[c] += _walk_real(top, seen, found)  # the class folder itself may be a symlink
+        links += [(c, p) for p in found]
+    for c, path in links:  # grows while it is read: links under linked folders come last
+        found = []
+        if not _skip_if_seen(path, seen):
+            folders[c] += _walk_real(path, seen, found)
+        links += [(c, p) for p in found]
+    return [(os.path.join(folder, f), class_to_idx[c]) for c in sorted(class_to_idx)
+            for folder, files in sorted(folders[c], key=lambda entry: entry[0]) for f in sorted(files)
+            if is_valid_file(os.path.join(folder, f))]
+
+
 class ImageFolderDataset(datasets.ImageFolder):
     """ImageFolder with clear layout errors, named bad files, and per-sample seeding.
 
@@ -259,11 +335,17 @@ class ImageFolderDataset(datasets.ImageFolder):
     An unreadable image raises BadImageError naming the file; with skip_bad_images=True it is
     reported once (BadImageWarning) and the next index (wrapping around, same seed) is returned
     instead. The set of files already reported is per process: nothing is shared by workers.
+
+    Symlinked folders are followed once (see find_images_once). max_image_pixels sets Pillow's
+    decompression-bomb limit (0: none; None: Pillow's as it is) in whichever process reads images.
     """
 
-    def __init__(self, root, transform=None, target_transform=None, skip_bad_images=False):
+    def __init__(self, root, transform=None, target_transform=None, skip_bad_images=False,
+                 max_image_pixels=None):
         super().__init__(root, transform=transform, target_transform=target_transform, allow_empty=True)
         self.skip_bad_images = skip_bad_images
+        self.max_image_pixels = max_image_pixels
+        self._apply_pixel_limit()  # this process; DataLoader workers apply it in __getitem__
         self._reported = set()
         counts = np.bincount(np.asarray(self.targets, dtype=np.int64), minlength=len(self.classes))
         empty = [c for c, n in zip(self.classes, counts) if n == 0]
@@ -280,8 +362,22 @@ class ImageFolderDataset(datasets.ImageFolder):
                 f"no class folders in {directory}: expected an ImageFolder layout "
                 f"{directory}/<class>/<image>") from e
 
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """The samples of torchvision's make_dataset, each real folder read once. Empty classes
+        are left to __init__'s check (allow_empty is always True here)."""
+        if is_valid_file is None:
+            def is_valid_file(path):
+                return has_file_allowed_extension(path, extensions)
+        return find_images_once(os.path.expanduser(directory), class_to_idx, is_valid_file)
+
+    def _apply_pixel_limit(self):
+        if self.max_image_pixels is not None:
+            Image.MAX_IMAGE_PIXELS = self.max_image_pixels or None  # 0: no limit
+
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
+        self._apply_pixel_limit()  # Pillow's limit is per process: DataLoader workers too
         for _ in range(len(self.samples)):
             path, target = self.samples[index]
             try:
@@ -289,8 +385,10 @@ class ImageFolderDataset(datasets.ImageFolder):
                     sample = load_and_transform(path, self.transform)
             except BAD_IMAGE_ERRORS as e:
                 if not self.skip_bad_images:
-                    raise BadImageError(f"cannot read image {path}: {e} (use --skip_bad_images to "
-                                        "skip unreadable images with a warning)") from e
+                    fix = ("pass --max_image_pixels of at least its size, or 0 for no limit"
+                           if isinstance(e, Image.DecompressionBombError) else
+                           "use --skip_bad_images to skip unreadable images with a warning")
+                    raise BadImageError(f"cannot read image {path}: {e} ({fix})") from e
                 self._report(path, e)
                 index = (index + 1) % len(self.samples)
                 continue
@@ -323,7 +421,8 @@ def _split_root(data_path, split):
 def build_dataset(is_train, args, transform):
     """ImageFolderDataset over <args.data_path>/train (is_train) or <args.data_path>/val."""
     root = _split_root(args.data_path, "train" if is_train else "val")
-    dataset = ImageFolderDataset(root, transform, skip_bad_images=args.skip_bad_images)
+    dataset = ImageFolderDataset(root, transform, skip_bad_images=args.skip_bad_images,
+                                 max_image_pixels=args.max_image_pixels)
     print(dataset)
     return dataset
 
@@ -386,7 +485,8 @@ def _loader(args, dataset, sampler, drop_last):
     """DataLoader with args.batch_size and args.num_workers (persistent, prefetching 2 batches),
     pinned memory only for a CUDA device (--pin_mem), and its own generator seeded with
     seed + rank: creating an iterator seeds the workers from it and never draws from the global
-    torch RNG, so the training randomness (e.g. masking noise) does not depend on num_workers."""
+    torch RNG, so the training randomness (e.g. masking noise) does not depend on num_workers.
+    The workers ignore SIGTERM / SIGUSR1: the main process stops and ends them (util.preemption)."""
     workers = args.num_workers
     return torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size, drop_last=drop_last,
@@ -395,6 +495,7 @@ def _loader(args, dataset, sampler, drop_last):
         persistent_workers=workers > 0,
         prefetch_factor=2 if workers > 0 else None,
         generator=torch.Generator().manual_seed(args.seed + get_rank()),
+        worker_init_fn=worker_init_fn,
     )
 
 

@@ -11,8 +11,9 @@ the full lr and the patch embedding gets the smallest one. The groups returned h
 `lr_scale`; `util.lr_sched.adjust_learning_rate` sets each group's lr to lr * lr_scale.
 
 timm 1.x has `timm.optim.param_groups_layer_decay`, which finds the layers through the model's
-`group_matcher`; this module keeps the original release's explicit rule (and its group names and
-group order, hence optimizer state_dicts interchangeable with the original's checkpoints).
+`group_matcher`; this module keeps the original release's explicit rule, its group names and its
+group order, hence optimizer state_dicts interchangeable with the original's checkpoints. That
+order follows the original's parameter order (see original_param_order).
 """
 import torch.nn as nn
 
@@ -28,14 +29,25 @@ def get_layer_id_for_vit(name: str, num_layers: int) -> int:
     return num_layers
 
 
+def original_param_order(model: nn.Module):
+    """model.named_parameters() in the order of the original release's models: its timm 0.3.2
+    VisionTransformer registered `head` in __init__ and MAE added `fc_norm` after it, while timm
+    1.x registers fc_norm before head. Without this, the head's two groups (layer_L_decay with
+    head.weight, layer_L_no_decay with head.bias and fc_norm) swap places and an original
+    checkpoint's optimizer state does not load."""
+    named = list(model.named_parameters())
+    fc_norm = [(n, p) for n, p in named if n.startswith("fc_norm.")]
+    return [(n, p) for n, p in named if not n.startswith("fc_norm.")] + fc_norm  # fc_norm last
+
+
 def _build_groups(model: nn.Module, weight_decay: float, no_weight_decay_list, layer_decay: float):
-    """Two dicts keyed by group name "layer_{id}_{decay|no_decay}", in model parameter order:
-    the optimizer groups {lr_scale, weight_decay, params} and the same with parameter names."""
+    """Two dicts keyed by group name "layer_{id}_{decay|no_decay}", in the original's parameter
+    order: the optimizer groups {lr_scale, weight_decay, params} and the same with parameter names."""
     num_layers = len(model.blocks) + 1
     layer_scales = [layer_decay ** (num_layers - i) for i in range(num_layers + 1)]
 
     param_groups, param_group_names = {}, {}
-    for name, p in model.named_parameters():
+    for name, p in original_param_order(model):
         if not p.requires_grad:
             continue  # frozen, e.g. a fixed sin-cos pos_embed
         if p.ndim == 1 or name in no_weight_decay_list:

@@ -15,9 +15,12 @@ from collections import defaultdict, deque
 import torch
 import torch.distributed as dist
 
-from util.checkpoint import NonFiniteLossError, check_output_dir, seed_everything, set_aside_diverged_checkpoint
+import util.preemption as preemption
+from util.checkpoint import (NonFiniteLossError, UnreadableCheckpointsError, remove_stale_temp_files,
+                             seed_everything, set_aside_diverged_checkpoint, temp_path)
 from util.dist import (comm_device, get_rank, get_world_size, init_distributed_mode, is_dist_avail_and_initialized,
                        is_main_process)
+from util.run_dir import RunDirError, check_output_dir, claim_output_dir, release_lock
 
 # ---------------------------------------------------------------------------------------------
 # Logging
@@ -341,11 +344,14 @@ class NativeScalerWithGradNormCount:
 # ---------------------------------------------------------------------------------------------
 
 
-def init_run(args):
+def init_run(args, training=True):
     """The common start of the three training scripts; returns the torch.device to train on.
 
     In order: join the process group or set up a single process (init_distributed_mode), check
     that --output_dir and --log_dir are writable (rank 0), print the job dir and the arguments,
+    claim --output_dir when training (util.run_dir.claim_output_dir: its lock, and a stop before
+    anything is built when it holds another run, or this run with other flags, or this run
+    already complete) and remove there the partial files of saves killed midway (rank 0),
     resolve args.precision for the device, seed torch / numpy / random with seed + rank (each
     rank its own masking noise, drop path and mixup draws) and turn on cudnn.benchmark.
     """
@@ -356,6 +362,10 @@ def init_run(args):
 
     print("job dir: {}".format(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
     print("{}".format(args).replace(", ", ",\n"))
+    if training:
+        claim_output_dir(args)
+        if is_main_process() and args.output_dir:  # under the lock: only dead processes' files
+            remove_stale_temp_files(args.output_dir)
 
     device = torch.device(args.device)
     args.precision = resolve_precision(args.precision, device)
@@ -376,13 +386,21 @@ def epochs_to_train(args, start, sampler, log_writer=None):
     """The epochs from the resume point `start` (a checkpoint.ResumePoint) to --epochs, as
     (epoch, start_iter) pairs; start_iter > 0 only for an epoch resumed mid-way. Sets the
     sampler's epoch, skipping the samples that a resumed epoch already saw. Prints the start and,
-    after the last epoch, the training time, then closes the TensorBoard writer."""
+    after the last epoch, the training time, then closes the TensorBoard writer. A resumed run
+    first drops from log.txt the lines of the epochs it trains again (trim_log). While the epochs
+    run (their evaluation and saves included), SIGTERM / SIGUSR1 stop training at the next
+    optimizer step (util.preemption; run() ends the script)."""
+    trim_log(args, start)
     print(f"Start training for {args.epochs} epochs ({args.precision})")
     start_time = time.time()
-    for epoch in range(start.epoch, args.epochs):
-        start_iter = start.iteration if epoch == start.epoch else 0
-        sampler.set_epoch(epoch, start=start_iter * args.batch_size)
-        yield epoch, start_iter
+    preemption.install()
+    try:
+        for epoch in range(start.epoch, args.epochs):
+            start_iter = start.iteration if epoch == start.epoch else 0
+            sampler.set_epoch(epoch, start=start_iter * args.batch_size)
+            yield epoch, start_iter
+    finally:  # also when the generator is dropped after an exception (e.g. Preempted)
+        preemption.uninstall()
     print("Training time {}".format(str(datetime.timedelta(seconds=int(time.time() - start_time)))))
     if log_writer is not None:
         log_writer.close()
@@ -396,16 +414,59 @@ def create_log_writer(args, training=True):
     return SummaryWriter(log_dir=args.log_dir)
 
 
-def log_epoch(args, log_writer, epoch, train_stats, test_stats=None, **extra):
+def log_epoch(args, log_writer, epoch, train_stats, test_stats=None, start_iter=0, **extra):
     """The end of an epoch: the test metrics to TensorBoard (perf/test_acc1, perf/test_acc5,
-    perf/test_loss at x = epoch) and one JSON line {train_*, test_*, epoch, **extra} to log.txt."""
+    perf/test_loss at x = epoch) and one JSON line {train_*, test_*, epoch, **extra} to log.txt.
+    An epoch resumed mid-way (start_iter > 0) averaged only its iterations from start_iter on:
+    its line says so with "partial_epoch_from_iter": start_iter.
+
+    The scripts call it before the epoch's checkpoint, so that a kill between the two loses no
+    line; the line of an epoch that a resumed run trains again is dropped then (trim_log)."""
     if log_writer is not None and test_stats:
         for name in ("acc1", "acc5", "loss"):
             log_writer.add_scalar(f"perf/test_{name}", test_stats[name], epoch)
     log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                  **{f"test_{k}": v for k, v in (test_stats or {}).items()},
                  "epoch": epoch, **extra}
+    if start_iter:
+        log_stats["partial_epoch_from_iter"] = start_iter
     write_log(args, log_stats, log_writer)
+
+
+def _logged_epoch(line):
+    """The "epoch" of a log.txt line, or None (not JSON, no epoch)."""
+    try:
+        epoch = json.loads(line).get("epoch")
+    except (ValueError, AttributeError):
+        return None
+    return epoch if isinstance(epoch, int) else None
+
+
+def trim_log(args, start):
+    """A resumed run (start: the checkpoint.ResumePoint, past epoch 0 iteration 0) trains the
+    epochs from start.epoch on again: drop their lines from {output_dir}/log.txt (rank 0), so
+    that each epoch keeps one line. They are left by the interrupted run: log_epoch writes an
+    epoch's line before its checkpoint, and pretraining saves every --save_freq epochs. The file
+    is rewritten atomically; a run that starts from scratch leaves it as it is. epochs_to_train
+    calls it before the first epoch."""
+    path = os.path.join(args.output_dir, "log.txt") if args.output_dir else ""
+    if not (is_main_process() and (start.epoch or start.iteration) and os.path.isfile(path)):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    dropped = [e for e in map(_logged_epoch, lines) if e is not None and e >= start.epoch]
+    if not dropped:
+        return
+    kept = [line.rstrip("\n") + "\n" for line in lines
+            if _logged_epoch(line) is None or _logged_epoch(line) < start.epoch]
+    tmp = temp_path(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    print(f"log.txt: dropped the lines of epochs {sorted(set(dropped))}, which this run trains again "
+          f"(it resumes at epoch {start.epoch}, iteration {start.iteration})")
 
 
 def write_log(args, log_stats, log_writer=None):
@@ -420,8 +481,14 @@ def write_log(args, log_stats, log_writer=None):
 
 
 def run(main_fn, args):
-    """Run a script's main_fn(args): a NonFiniteLossError ends it with one clear line on stderr
-    (rank 0) and exit status 1; the process group is destroyed at the end either way."""
+    """Run a script's main_fn(args): a NonFiniteLossError, a RunDirError (util.run_dir) or an
+    UnreadableCheckpointsError (auto-resume found only unreadable checkpoints) ends it with one
+    clear message on stderr (rank 0) and exit status 1; a SIGTERM / SIGUSR1 that stopped
+    training (util.preemption, checkpoint-last.pth saved) with one line on stderr (rank 0) saying
+    where a rerun resumes, and exit status 128 + the signal number (non-zero: torchrun
+    --max-restarts and a SLURM requeue rerun it). The signal handlers are restored, the lock of
+    --output_dir released and the process group destroyed either way."""
+    status = 0
     try:
         main_fn(args)
     except NonFiniteLossError as e:
@@ -429,6 +496,20 @@ def run(main_fn, args):
             sys.stderr.write(f"ERROR: {e}\n")
             set_aside_diverged_checkpoint(args.output_dir, e)
         sys.exit(1)
+    except (RunDirError, UnreadableCheckpointsError) as e:  # --output_dir holds another run, a live one
+        # or only unreadable checkpoints: nothing was touched
+        if is_main_process():
+            sys.stderr.write(f"ERROR: {e}\n")
+        sys.exit(1)
+    except preemption.Preempted as e:
+        if is_main_process():
+            sys.stderr.write(e.line(auto_resumes=args.auto_resume and not args.resume) + "\n")
+        preemption.wait_for_peers()  # leave together, after rank 0's save
+        status = e.exit_status
     finally:
+        preemption.uninstall()
+        release_lock()  # the lock of --output_dir (util.run_dir)
         if is_dist_avail_and_initialized():
             dist.destroy_process_group()
+    if status:  # outside the except clause: its traceback (and the DataLoaders) are freed first
+        sys.exit(status)

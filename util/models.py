@@ -1,5 +1,7 @@
 """The model a --model name builds: lookup by name in models_mae (pretraining) and models_vit
 (classifiers), shared by the training scripts, the reconstruction command and the benchmark."""
+import torch
+
 import models_mae
 import models_vit
 
@@ -30,3 +32,16 @@ def build_classifier(args, **kwargs):
     return model_from_name(models_vit, args.model, "vit_", num_classes=args.nb_classes,
                            global_pool=args.global_pool, img_size=args.input_size,
                            patch_size=args.patch_size, **kwargs)
+
+
+def model_patch_size(args):
+    """--patch_size, else the patch size of --model's factory (models_mae for pretraining,
+    models_vit for the classifiers), read off the model built without blocks on the meta device:
+    no memory, no initialisation, milliseconds. A ValueError names an unknown --model."""
+    if args.patch_size is not None:
+        return args.patch_size
+    pretrain = args.stage == "pretrain"
+    module, prefix = (models_mae, "mae_vit_") if pretrain else (models_vit, "vit_")
+    with torch.device("meta"):
+        model = model_from_name(module, args.model, prefix, depth=0, decoder_depth=0 if pretrain else None)
+    return model.patch_embed.patch_size[0]
