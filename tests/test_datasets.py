@@ -515,6 +515,7 @@ def test_randaugment_posterize_to_zero_bits_gives_black_not_an_error():
 POSTERIZE_OPS = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
 
 
+@pytest.mark.slow
 def test_finetune_transform_patches_posterize_and_importing_does_not(make_args, monkeypatch):
     """The Pillow >= 11 posterize fix is applied by build_transform(True, args), not when
     util.datasets is imported: other users of timm in the process keep timm's own ops."""

@@ -92,6 +92,7 @@ def test_warmup_above_epochs_warns_in_one_line(capsys):
     assert len(err) == 1 and err[0].startswith("Warning: --warmup_epochs 10 is above --epochs 5")
 
 
+@pytest.mark.slow
 def test_bad_flag_exits_2_without_traceback(run_script):
     """mask 1.5 trained silently (at 0.5) before; now the command line fails as argparse does."""
     status, output = run_script("main_pretrain.py", "--mask_ratio", 1.5, "--device", "cpu", check=False,

@@ -114,6 +114,7 @@ def test_one_epoch_writes_checkpoint_log_tensorboard_and_reconstructions(first_r
         assert im.size == (4 * 32, 4 * 32)  # 4 columns x --vis_images rows of 32 px
 
 
+@pytest.mark.slow
 def test_reconstructions_every_vis_freq_epochs_and_after_the_last(data_path, tmp_path, run_script):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = str(tmp_path)
@@ -127,6 +128,7 @@ def test_reconstructions_every_vis_freq_epochs_and_after_the_last(data_path, tmp
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-0.pth", "checkpoint-3.pth"]
 
 
+@pytest.mark.slow
 def test_resume_restores_everything_and_continues(first_run, data_path, tmp_path, make_args, run_script):
     first_out, _ = first_run
     checkpoint_path = os.path.join(first_out, "checkpoint-0.pth")

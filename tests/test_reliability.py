@@ -294,6 +294,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(reference, data, tm
     assert temp_files(out) == []
 
 
+@pytest.mark.slow
 def test_non_finite_loss_with_save_every_iters_leaves_a_resumable_checkpoint(reference, data, tmp_path, cli):
     _, one_epoch = reference
     out = tmp_path / "run"

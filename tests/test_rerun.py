@@ -87,6 +87,7 @@ def copy_of(folder, tmp_path, name="out"):
 # Another run's folder
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("evidence", ["run.json", "checkpoint args"])
 def test_another_model_stops_and_overwrite_moves_the_other_run_aside(pretrained, data, tmp_path, cli, evidence):
     out = copy_of(pretrained, tmp_path)
@@ -238,6 +239,7 @@ def test_raised_epochs_continue_with_the_schedule_recomputed(pretrained, data, t
     assert "continuing at epoch 1, iteration 0" in log and (out / "checkpoint-1.pth").exists()
 
 
+@pytest.mark.slow
 def test_mid_epoch_checkpoint_with_another_batch_size_is_refused(pretrained, data, tmp_path, cli):
     out = tmp_path / "out"
     out.mkdir()

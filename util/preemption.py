@@ -132,12 +132,13 @@ def install():
 
 
 def uninstall():
-    """Restore the handlers that install() replaced (no-op when not installed)."""
-    global _owner
+    """Restore the handlers that install() replaced (no-op when not installed) and forget the
+    signal received: a later training loop in this process starts without it."""
+    global _owner, _received
     for signum, previous in _previous.items():
         signal.signal(signum, previous)
     _previous.clear()
-    _owner = None
+    _owner, _received = None, 0
 
 
 def received():
