@@ -60,7 +60,7 @@ import models_vit
 from util.datasets import (PretrainTransform, benchmark_transform, build_dataset, build_pretrain_transform,
                            build_train_loader)
 from util.lr_decay import param_groups_lrd
-from util.misc import NativeScalerWithGradNormCount, autocast, fast_adamw_kwargs, resolve_precision
+from util.precision import NativeScalerWithGradNormCount, autocast, fast_adamw_kwargs, resolve_precision
 from util.models import model_from_name
 
 ALL_MODES = ("fast", "baseline", "all_tokens", "finetune", "finetune_baseline")

@@ -15,6 +15,7 @@ import util.checkpoint as ckpt
 import util.lr_sched as lr_sched
 import util.misc as misc
 from util.dist import grad_sync, unwrap_model
+from util.precision import autocast
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +63,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
             lr = lr_sched.adjust_learning_rate(optimizer, log.progress(data_iter_step), args)
         update_grad = (data_iter_step + 1) % args.accum_iter == 0
         with grad_sync(model, update_grad):
-            with misc.autocast(device, args.precision):
+            with autocast(device, args.precision):
                 outputs = model(samples)  # (N, num_classes)
                 loss = criterion(outputs, targets)
             grad_norm = loss_scaler(loss / args.accum_iter, optimizer, clip_grad=max_norm,
@@ -101,7 +102,7 @@ def evaluate(data_loader, model, device, args):
     for images, target in metric_logger.log_every(data_loader, args.log_freq, header):
         images = images.to(device, non_blocking=True)  # (N, C, H, W)
         target = target.to(device, non_blocking=True)  # (N,)
-        with misc.autocast(device, args.precision):
+        with autocast(device, args.precision):
             output = model(images)  # (N, num_classes)
             loss = criterion(output, target)
         acc1, acc5 = accuracy(output, target, topk=(1, min(5, output.shape[-1])))

@@ -9,6 +9,7 @@ import util.checkpoint as ckpt
 import util.lr_sched as lr_sched
 import util.misc as misc
 from util.dist import grad_sync, unwrap_model
+from util.precision import autocast
 
 
 def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, log_writer, args, start_iter=0):
@@ -33,7 +34,7 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
 
         samples = samples.to(device, non_blocking=True)  # (N, C, H, W)
         with grad_sync(model, update_grad):
-            with misc.autocast(device, args.precision):
+            with autocast(device, args.precision):
                 loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
             grad_norm = loss_scaler(loss / args.accum_iter, optimizer, parameters=model.parameters(),
                                     update_grad=update_grad)

@@ -30,6 +30,7 @@ from util.checkpoint import load_pretrained_encoder
 from util.datasets import build_classification_loaders, build_transform
 from util.dist import wrap_model
 from util.models import build_classifier
+from util.precision import NativeScalerWithGradNormCount, fast_adamw_kwargs
 
 
 def get_args_parser(add_help=False):
@@ -124,8 +125,8 @@ def main(args):
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
                                         no_weight_decay_list=model_without_ddp.no_weight_decay(),
                                         layer_decay=args.layer_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, **misc.fast_adamw_kwargs(device))
-    loss_scaler = misc.NativeScalerWithGradNormCount(enabled=args.precision == "fp16", device_type=device.type)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, **fast_adamw_kwargs(device))
+    loss_scaler = NativeScalerWithGradNormCount(enabled=args.precision == "fp16", device_type=device.type)
     criterion = build_criterion(args, mixup_fn)
     print("criterion = %s" % str(criterion))
 

@@ -25,6 +25,7 @@ from util.datasets import build_classification_loaders, build_linprobe_transform
 from util.dist import wrap_model
 from util.lars import LARS
 from util.models import build_classifier
+from util.precision import NativeScalerWithGradNormCount
 
 
 def get_args_parser(add_help=False):
@@ -79,7 +80,7 @@ def main(args):
 
     optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     print(optimizer)
-    loss_scaler = misc.NativeScalerWithGradNormCount(enabled=args.precision == "fp16", device_type=device.type)
+    loss_scaler = NativeScalerWithGradNormCount(enabled=args.precision == "fp16", device_type=device.type)
     start = ckpt.resume(args, model_without_ddp, optimizer, loss_scaler, eval_only=args.eval)
     if args.eval:
         return evaluate(data_loader_val, model, device, args)  # prints the accuracy

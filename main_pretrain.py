@@ -25,6 +25,7 @@ from util.datasets import (build_dataset, build_eval_transform, build_pretrain_t
                            load_and_transform)
 from util.dist import is_main_process, wrap_model
 from util.models import build_pretrain_model
+from util.precision import NativeScalerWithGradNormCount, fast_adamw_kwargs
 from util.visualize import save_reconstructions
 
 
@@ -53,7 +54,7 @@ def get_args_parser(add_help=False):
 def build_optimizer(model_without_ddp, args, device):
     """AdamW(betas=(0.9, 0.95)), weight decay on all but 1-D params and biases (as the original)."""
     param_groups = timm.optim.param_groups_weight_decay(model_without_ddp, args.weight_decay)
-    return torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), **misc.fast_adamw_kwargs(device))
+    return torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), **fast_adamw_kwargs(device))
 
 
 def load_vis_images(dataset, args):
@@ -85,7 +86,7 @@ def main(args):
 
     optimizer = build_optimizer(model_without_ddp, args, device)
     print(optimizer)
-    loss_scaler = misc.NativeScalerWithGradNormCount(enabled=args.precision == "fp16",
+    loss_scaler = NativeScalerWithGradNormCount(enabled=args.precision == "fp16",
                                                      device_type=device.type)
     start = ckpt.resume(args, model_without_ddp, optimizer, loss_scaler)  # epoch and iteration to start at
 

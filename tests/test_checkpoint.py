@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from conftest import REPO, SUBPROCESS_ENV
-from util import checkpoint, misc, run_dir
+from util import checkpoint, run_dir
 from util.checkpoint import ResumePoint
+from util.precision import NativeScalerWithGradNormCount
 
 
 @pytest.fixture(autouse=True)
@@ -165,7 +166,7 @@ def test_load_checkpoint_original_release_layout(tmp_path, make_args, tiny_probl
     new_model, _ = tiny_problem(seed=1)
     new_opt = torch.optim.AdamW(new_model.parameters(), lr=1e-3, betas=(0.9, 0.95))
     args = make_args("pretrain", "--resume", path, "--output_dir", tmp_path)
-    start = checkpoint.resume(args, new_model, new_opt, misc.NativeScalerWithGradNormCount(True, "cpu"))
+    start = checkpoint.resume(args, new_model, new_opt, NativeScalerWithGradNormCount(True, "cpu"))
     assert start.max_accuracy == 0.0
     assert (start.epoch, start.iteration) == (400, 0)
     for a, b in zip(model.parameters(), new_model.parameters()):
@@ -240,7 +241,7 @@ def fresh(make_args):
         checkpoint.seed_everything(seed)
         model = Noisy()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
-        scaler = misc.NativeScalerWithGradNormCount(enabled=True, device_type="cpu")
+        scaler = NativeScalerWithGradNormCount(enabled=True, device_type="cpu")
         args = make_args("pretrain", "--output_dir", output_dir, "--resume", resume, "--seed", seed,
                          device=torch.device("cpu"))
         assert args.auto_resume and not args.unsafe_load and args.start_epoch == 0

@@ -26,6 +26,7 @@ import main_pretrain
 import main_visualize
 from util import checkpoint, misc
 from util.checkpoint import ResumePoint
+from util.precision import NativeScalerWithGradNormCount
 
 NUMBERED = re.compile(r"checkpoint-\d+\.pth")
 
@@ -117,7 +118,7 @@ def test_best_checkpoint_holds_what_evaluation_needs(tmp_path, make_args, tiny_v
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     opt.step()
     args = make_args("finetune", "--output_dir", tmp_path, "--epochs", 2)
-    checkpoint.save_checkpoints(args, 0, model, opt, misc.NativeScalerWithGradNormCount(False, "cpu"),
+    checkpoint.save_checkpoints(args, 0, model, opt, NativeScalerWithGradNormCount(False, "cpu"),
                                 test_acc1=40.0)
     best_path = tmp_path / "checkpoint-best.pth"
     best = checkpoint.load_checkpoint(best_path)

@@ -16,13 +16,13 @@ import models_mae
 import main_finetune
 import main_linprobe
 import main_pretrain
-import util.misc as misc
 from engine_finetune import evaluate, set_train_mode, train_one_epoch
 from main_finetune import build_criterion, build_mixup
 from main_finetune import get_args_parser as finetune_parser
 from main_linprobe import add_linear_probe_head
 from util.checkpoint import NonFiniteLossError, load_checkpoint, load_pretrained_encoder, save_model
 from util.lars import LARS
+from util.precision import NativeScalerWithGradNormCount
 
 
 def save_pretrain_checkpoint(make_args, folder, mae):
@@ -162,7 +162,7 @@ def test_linear_probe_head_is_bn_without_affine_and_only_head_trains(make_args, 
     model.head[0].register_forward_hook(lambda m, i, o: seen["bn"].append(m.training))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = LARS(model.head.parameters(), lr=0.1, weight_decay=0.0)
-    scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+    scaler = NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
     stats = train_one_epoch(model, nn.CrossEntropyLoss(), random_batches(), optimizer, torch.device("cpu"), 0,
                             scaler, None, small_train_args(make_args), frozen_backbone=True)
     assert set(stats) == {"loss", "lr"} and stats["loss"] > 0
@@ -251,7 +251,7 @@ def test_non_finite_loss_stops_with_epoch_and_iteration(make_args, tiny_vit):
         return loss * float("nan") if len(calls) == 2 else loss
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+    scaler = NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
     with pytest.raises(NonFiniteLossError, match=r"epoch 3, iteration 1\b"):
         train_one_epoch(model, criterion, random_batches(3), optimizer, torch.device("cpu"), 3, scaler, None,
                         small_train_args(make_args, epochs=5, log_freq=10))
@@ -267,7 +267,7 @@ def test_finetune_accum_iter_2_equals_double_batch(make_args, tiny_vit):
         model = tiny_vit(depth=2)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+        scaler = NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
         train_one_epoch(model, nn.CrossEntropyLoss(), batches * 2, optimizer, torch.device("cpu"), 0, scaler, None,
                         small_train_args(make_args, accum_iter=accum_iter, lr=0.1, log_freq=10), max_norm=1.0)
         results.append(model.state_dict())
@@ -304,7 +304,7 @@ def test_lr_follows_schedule_with_layer_decay_and_clipping(make_args, tiny_vit):
         return real_step(*a, **kw)
 
     optimizer.step = step
-    scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+    scaler = NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
     train_one_epoch(model, nn.CrossEntropyLoss(), random_batches(4), optimizer, torch.device("cpu"), 0, scaler,
                     None, args, max_norm=0.01)
     for i, lrs in enumerate(seen):

@@ -17,6 +17,7 @@ from conftest import LAUNCHER_VARS, REPO
 from util import checkpoint, misc
 from util.args import add_common_args, resolve_lr
 from util.checkpoint import ResumePoint
+from util.precision import NativeScalerWithGradNormCount, autocast, get_grad_norm_, resolve_precision
 
 
 @pytest.fixture(autouse=True)
@@ -248,17 +249,17 @@ def test_training_log_finish_returns_the_epoch_averages(make_args, capsys):
 
 
 def test_resolve_precision_and_autocast():
-    assert misc.resolve_precision("auto", "cpu") == "fp32"
-    assert misc.resolve_precision("bf16", "cpu") == "bf16"
-    assert misc.resolve_precision("fp16", torch.device("cpu")) == "fp32"
-    assert misc.resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp32"
+    assert resolve_precision("fp32", "cpu") == "fp32"
     with pytest.raises(ValueError):
-        misc.resolve_precision("fp8", "cpu")
+        resolve_precision("fp8", "cpu")
     lin = nn.Linear(4, 4)
     x = torch.randn(2, 4)
-    with misc.autocast("cpu", "fp32"):
+    with autocast("cpu", "fp32"):
         assert lin(x).dtype == torch.float32
-    with misc.autocast("cpu", "bf16"):
+    with autocast("cpu", "bf16"):
         assert lin(x).dtype == torch.bfloat16
 
 
@@ -267,7 +268,7 @@ def test_disabled_scaler_is_bit_identical_to_plain_step(tiny_problem):
     model, _ = tiny_problem()
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+    scaler = NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
     for x, y in data:
         loss = nn.functional.mse_loss(ref(x), y)
         loss.backward()
@@ -285,7 +286,7 @@ def test_disabled_scaler_is_bit_identical_to_plain_step(tiny_problem):
 def test_scaler_clip_grad_and_accumulation(tiny_problem):
     model, data = tiny_problem()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+    scaler = NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
     (x, y), (x2, y2) = data[:2]
     # update_grad=False: gradients add up, nothing is stepped, no norm is returned
     before = [p.detach().clone() for p in model.parameters()]
@@ -314,16 +315,16 @@ def test_scaler_clip_grad_and_accumulation(tiny_problem):
 def test_enabled_scaler_unscales_before_norm_and_round_trips(tiny_problem):
     model, data = tiny_problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = misc.NativeScalerWithGradNormCount(enabled=True, device_type="cpu")
+    scaler = NativeScalerWithGradNormCount(enabled=True, device_type="cpu")
     x, y = data[0]
     nn.functional.mse_loss(model(x), y).backward()
-    expected = misc.get_grad_norm_(model.parameters())
+    expected = get_grad_norm_(model.parameters())
     model.zero_grad()
     norm = scaler(nn.functional.mse_loss(model(x), y), opt, parameters=model.parameters())
     torch.testing.assert_close(norm, expected)  # not 65536 times larger
     state = scaler.state_dict()
     assert state["scale"] == 65536.0
-    other = misc.NativeScalerWithGradNormCount(enabled=True, device_type="cpu")
+    other = NativeScalerWithGradNormCount(enabled=True, device_type="cpu")
     other.load_state_dict(dict(state, scale=1024.0))
     assert other.state_dict()["scale"] == 1024.0
     other.load_state_dict({})  # a checkpoint of an fp32 run: keeps its fresh state
@@ -332,19 +333,19 @@ def test_enabled_scaler_unscales_before_norm_and_round_trips(tiny_problem):
 
 def test_get_grad_norm_inf_and_empty():
     p = nn.Parameter(torch.zeros(3))
-    assert misc.get_grad_norm_([p]).item() == 0.0
+    assert get_grad_norm_([p]).item() == 0.0
     p.grad = torch.tensor([1.0, -4.0, 2.0])
-    assert misc.get_grad_norm_([p], norm_type=float("inf")).item() == 4.0
-    assert misc.get_grad_norm_(p).item() == pytest.approx(21 ** 0.5)
+    assert get_grad_norm_([p], norm_type=float("inf")).item() == 4.0
+    assert get_grad_norm_(p).item() == pytest.approx(21 ** 0.5)
 
 
 def test_auto_precision_on_gpus_with_and_without_native_bf16(monkeypatch):
     native = {"flag": True}
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: native["flag"] or including_emulation)
-    assert misc.resolve_precision("auto", "cuda") == "bf16"  # Ampere and newer
+    assert resolve_precision("auto", "cuda") == "bf16"  # Ampere and newer
     native["flag"] = False  # V100 / T4: bf16 only emulated
-    assert misc.resolve_precision("auto", "cuda") == "fp16"
+    assert resolve_precision("auto", "cuda") == "fp16"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import util.misc as misc
 import util.preemption as preemption
 from conftest import LAUNCHER_VARS, REPO, SUBPROCESS_ENV
 from util.checkpoint import ResumePoint, load_checkpoint
+from util.precision import NativeScalerWithGradNormCount
 
 PRETRAIN = ["--model", "mae_vit_tiny_patch16", "--input_size", 32, "--patch_size", 16, "--device", "cpu",
             "--vis_freq", 0, "--precision", "fp32", "--seed", 0, "--warmup_epochs", 1, "--log_freq", 1]
@@ -219,7 +220,7 @@ def engine_run(stage, tmp_path, make_args, tiny_mae, tiny_vit, loader):
                      "--output_dir", tmp_path, precision="fp32", lr=1e-3, distributed=False)
     model = tiny_mae() if stage == "pretrain" else tiny_vit(num_classes=4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+    scaler = NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
     if stage == "pretrain":
         return engine_pretrain.train_one_epoch(model, loader, optimizer, "cpu", 3, scaler, None, args)
     return engine_finetune.train_one_epoch(model, torch.nn.CrossEntropyLoss(), loader, optimizer, "cpu", 3,
@@ -288,7 +289,7 @@ def test_a_signal_between_epochs_stops_at_the_first_optimizer_step_of_the_next(t
                      precision="fp32", lr=1e-3, distributed=False)
     model = tiny_mae()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+    scaler = NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
     batches = [(torch.randn(2, 3, 32, 32), torch.zeros(2)) for _ in range(4)]
     epochs = misc.epochs_to_train(args, ResumePoint(0), Sampler())
     with pytest.raises(preemption.Preempted) as stop:

@@ -16,7 +16,6 @@ from PIL import Image
 
 import main_pretrain
 import main_visualize
-import util.misc as misc
 from conftest import REPO
 from engine_pretrain import train_one_epoch
 from models_mae import MaskedAutoencoderViT
@@ -25,6 +24,7 @@ from util.checkpoint import NonFiniteLossError, load_checkpoint, resume
 from util.dist import unwrap_model
 from util.lr_sched import adjust_learning_rate
 from util.models import build_pretrain_model
+from util.precision import NativeScalerWithGradNormCount
 from util.toy_data import CLASSES, make_image
 NUM_TRAIN = 16  # 4 classes x 4 images
 IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
@@ -142,7 +142,7 @@ def test_resume_restores_everything_and_continues(first_run, data_path, tmp_path
     args = make_args("pretrain", *SCRIPT_ARGS, "--data_path", data_path, "--resume", fp16_path, "--lr", "1e-3")
     model = build_pretrain_model(args)
     optimizer = main_pretrain.build_optimizer(model, args, "cpu")
-    scaler = misc.NativeScalerWithGradNormCount(enabled=True, device_type="cpu")
+    scaler = NativeScalerWithGradNormCount(enabled=True, device_type="cpu")
     start = resume(args, model, optimizer, scaler)
     assert start.epoch == 1 and start.iteration == 0
     for k, v in model.state_dict().items():
@@ -264,7 +264,7 @@ def test_accum_iter_2_equals_double_batch(tiny_mae, engine_args):
         # turns float noise in mathematically zero gradients, e.g. the attention key bias, into
         # full-size differences.)
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=0.05)
-        scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+        scaler = NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
         loader = [(b, torch.zeros(len(b))) for b in batches] * 2  # two updates
         stats = train_one_epoch(model, loader, optimizer, "cpu", 0, scaler, None, args)
         results.append((model.state_dict(), stats))
@@ -294,7 +294,7 @@ def test_lr_follows_schedule_every_iteration(accum_iter, start_iter, tiny_mae, e
     iters_per_epoch, epoch = 4, 1
     loader = [(random_images(2, seed=i), torch.zeros(2)) for i in range(iters_per_epoch - start_iter)]
     writer = FakeWriter()
-    scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+    scaler = NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
     train_one_epoch(model, loader, optimizer, "cpu", epoch, scaler, writer, args, start_iter=start_iter)
 
     reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0)
@@ -325,7 +325,7 @@ def test_resume_inside_an_accumulation_cycle_sets_the_lr_at_once(tiny_mae, engin
     seen = []
     optimizer.register_step_pre_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
     loader = [(random_images(2, seed=i), torch.zeros(2)) for i in range(3)]  # iterations 1, 2, 3 of 4
-    scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+    scaler = NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
     stats = train_one_epoch(model, loader, optimizer, "cpu", 1, scaler, None, args, start_iter=1)
     reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0)
     expected = [adjust_learning_rate(reference, 1 + i / 4, args) for i in (1, 2)]  # cycles from 1 and 2
@@ -345,7 +345,7 @@ def test_loss_is_finite_and_decreases_on_a_fixed_batch(tiny_mae, engine_args):
     model = tiny_mae()
     args = engine_args("--weight_decay", 0.0, lr=1e-2)
     optimizer = main_pretrain.build_optimizer(model, args, "cpu")
-    scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+    scaler = NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
     batch = (toy_images(8), torch.zeros(8))
     losses = [train_one_epoch(model, [batch] * 5, optimizer, "cpu", epoch, scaler, None, args)["loss"]
               for epoch in range(4)]
@@ -359,7 +359,7 @@ def test_bf16_autocast_on_cpu_trains(tiny_mae, engine_args):
     model = tiny_mae()
     args = engine_args(precision="bf16")
     optimizer = main_pretrain.build_optimizer(model, args, "cpu")
-    scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+    scaler = NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
     stats = train_one_epoch(model, [(random_images(4), torch.zeros(4))] * 2, optimizer, "cpu", 0, scaler,
                             None, args)
     assert math.isfinite(stats["loss"]) and model.blocks[0].attn.qkv.weight.dtype == torch.float32
@@ -381,7 +381,7 @@ def test_non_finite_loss_stops_before_saving(tmp_path, tiny_mae, engine_args):
     model = NaNAtIteration(tiny_mae(), bad_call=3)  # iterations 0, 1, 2 fine, 3 NaN
     args = engine_args("--save_every_iters", 2, "--log_freq", 100, "--output_dir", tmp_path)
     optimizer = main_pretrain.build_optimizer(model, args, "cpu")
-    scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+    scaler = NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
     loader = [(random_images(2, seed=i), torch.zeros(2)) for i in range(6)]
     with pytest.raises(NonFiniteLossError, match="epoch 5, iteration 3"):
         train_one_epoch(model, loader, optimizer, "cpu", 5, scaler, None, args)
@@ -406,7 +406,7 @@ def test_no_host_sync_per_iteration(monkeypatch, tiny_mae, engine_args):
         torch.manual_seed(0)
         model = tiny_mae()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        scaler = misc.NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
+        scaler = NativeScalerWithGradNormCount(enabled=False, device_type="cpu")
         loader = [(random_images(2, seed=i), torch.zeros(2)) for i in range(num_iters)]
         counts["n"] = 0
         train_one_epoch(model, loader, optimizer, "cpu", 0, scaler, None, engine_args("--log_freq", 1000))

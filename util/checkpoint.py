@@ -204,7 +204,7 @@ def atomic_save(obj, path):
     _fsync_dir(folder)
 
 
-def _pid_alive(pid):
+def pid_alive(pid):
     """Whether process `pid` runs on this host (a process of another user counts as alive)."""
     if os.name != "posix":  # os.kill(pid, 0) would terminate it on Windows: assume alive
         return True
@@ -226,7 +226,7 @@ def remove_stale_temp_files(folder):
     names = os.listdir(folder) if os.path.isdir(folder) else []
     for name in sorted(names):
         match = _TEMP_NAME.fullmatch(name)
-        if not match or match["host"] not in (None, _hostname()) or _pid_alive(int(match["pid"])):
+        if not match or match["host"] not in (None, _hostname()) or pid_alive(int(match["pid"])):
             continue
         path = os.path.join(folder, name)
         try:

@@ -24,7 +24,7 @@ import uuid
 import torch.distributed as dist
 
 from util.args import linear_scaled_lr
-from util.checkpoint import _pid_alive, find_latest_checkpoint, load_checkpoint, temp_path
+from util.checkpoint import find_latest_checkpoint, load_checkpoint, pid_alive, temp_path
 from util.dist import is_dist_avail_and_initialized, is_main_process
 
 RUN_FILE = "run.json"
@@ -347,7 +347,7 @@ def _stale(path, holder):
         return _heartbeat_stopped(path)
     if pid == os.getpid():
         return "this process"
-    return None if _pid_alive(pid) else f"process {pid} is no longer running"
+    return None if pid_alive(pid) else f"process {pid} is no longer running"
 
 
 def _heartbeat_stopped(path):
