@@ -106,14 +106,19 @@ def add_classifier_args(parser):
     return parser
 
 
+def effective_batch_size(args):
+    """The images of one optimizer step over all processes: batch_size * accum_iter * world_size."""
+    return args.batch_size * args.accum_iter * args.world_size
+
+
 def linear_scaled_lr(args):
-    """blr * effective batch / 256, the effective batch being batch_size * accum_iter * world_size."""
-    return args.blr * (args.batch_size * args.accum_iter * args.world_size) / 256
+    """blr * effective batch / 256."""
+    return args.blr * effective_batch_size(args) / 256
 
 
 def resolve_lr(args):
     """Derive the absolute lr from the base lr when --lr is not given (linear scaling rule)."""
-    eff_batch_size = args.batch_size * args.accum_iter * args.world_size
+    eff_batch_size = effective_batch_size(args)
     if args.lr is None:
         args.lr = linear_scaled_lr(args)
     print("base lr: %.2e" % (args.lr * 256 / eff_batch_size))

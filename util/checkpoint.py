@@ -204,6 +204,17 @@ def atomic_save(obj, path):
     _fsync_dir(folder)
 
 
+def atomic_write_text(path, text):
+    """Write `text` to `path` the way atomic_save writes a checkpoint: a temp file in the same
+    folder, fsynced, then renamed onto `path`."""
+    tmp = temp_path(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def pid_alive(pid):
     """Whether process `pid` runs on this host (a process of another user counts as alive)."""
     if os.name != "posix":  # os.kill(pid, 0) would terminate it on Windows: assume alive

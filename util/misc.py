@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 import util.preemption as preemption
-from util.checkpoint import (NonFiniteLossError, UnreadableCheckpointsError, remove_stale_temp_files,
-                             seed_everything, set_aside_diverged_checkpoint, temp_path)
+from util.checkpoint import (NonFiniteLossError, UnreadableCheckpointsError, atomic_write_text, seed_everything,
+                             set_aside_diverged_checkpoint)
 from util.dist import (comm_device, get_rank, get_world_size, init_distributed_mode, is_dist_avail_and_initialized,
                        is_main_process)
 from util.precision import resolve_precision
@@ -257,7 +257,7 @@ def init_run(args, training=True):
     that --output_dir and --log_dir are writable (rank 0), print the job dir and the arguments,
     claim --output_dir when training (util.run_dir.claim_output_dir: its lock, and a stop before
     anything is built when it holds another run, or this run with other flags, or this run
-    already complete) and remove there the partial files of saves killed midway (rank 0),
+    already complete; it removes there the partial files of saves killed midway),
     resolve args.precision for the device, seed torch / numpy / random with seed + rank (each
     rank its own masking noise, drop path and mixup draws) and turn on cudnn.benchmark.
     """
@@ -270,8 +270,6 @@ def init_run(args, training=True):
     print("{}".format(args).replace(", ", ",\n"))
     if training:
         claim_output_dir(args)
-        if is_main_process() and args.output_dir:  # under the lock: only dead processes' files
-            remove_stale_temp_files(args.output_dir)
 
     device = torch.device(args.device)
     args.precision = resolve_precision(args.precision, device)
@@ -365,12 +363,7 @@ def trim_log(args, start):
         return
     kept = [line.rstrip("\n") + "\n" for line in lines
             if _logged_epoch(line) is None or _logged_epoch(line) < start.epoch]
-    tmp = temp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
     print(f"log.txt: dropped the lines of epochs {sorted(set(dropped))}, which this run trains again "
           f"(it resumes at epoch {start.epoch}, iteration {start.iteration})")
 

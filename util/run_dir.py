@@ -24,7 +24,8 @@ import uuid
 import torch.distributed as dist
 
 from util.args import linear_scaled_lr
-from util.checkpoint import find_latest_checkpoint, load_checkpoint, pid_alive, temp_path
+from util.checkpoint import (atomic_write_text, find_latest_checkpoint, load_checkpoint, pid_alive,
+                             remove_stale_temp_files)
 from util.dist import is_dist_avail_and_initialized, is_main_process
 
 RUN_FILE = "run.json"
@@ -81,6 +82,7 @@ def claim_output_dir(args):
     """Take --output_dir for this run before anything is built; call on every rank.
 
     Rank 0 takes the lock (a live run there stops this one, a dead one's lock is taken over),
+    removes the partial files of saves killed midway (util.checkpoint.remove_stale_temp_files),
     checks that the folder holds no run of another stage or model, and compares the flags of the
     checkpoint the run would continue from with this command's. It raises RunDirError on every
     rank when the run must stop, and SystemExit(0) when that checkpoint already ends the run
@@ -114,6 +116,7 @@ def _claim(args):
     """Rank 0's part of claim_output_dir: None to go on, or the banner of a complete run."""
     folder = args.output_dir
     acquire_lock(folder, args)
+    remove_stale_temp_files(folder)  # under the lock: only dead processes' partial saves
     foreign = _foreign_run(folder, args)
     if foreign and not args.overwrite:
         raise RunDirError(_foreign_run_message(folder, *foreign, args))
@@ -196,11 +199,7 @@ def _foreign_run_message(folder, path, theirs, args):
 
 
 def _write_run_file(folder, args):
-    path = os.path.join(folder, RUN_FILE)
-    tmp = temp_path(path)
-    with open(tmp, "w") as f:
-        json.dump({"stage": args.stage, "model": args.model}, f)
-    os.replace(tmp, path)
+    atomic_write_text(os.path.join(folder, RUN_FILE), json.dumps({"stage": args.stage, "model": args.model}))
 
 
 def move_run_aside(folder, what):
