@@ -57,11 +57,12 @@ from PIL import Image
 
 import models_mae
 import models_vit
+from util.args import add_loader_args
 from util.datasets import (PretrainTransform, benchmark_transform, build_dataset, build_pretrain_transform,
                            build_train_loader)
 from util.lr_decay import param_groups_lrd
-from util.precision import NativeScalerWithGradNormCount, autocast, fast_adamw_kwargs, resolve_precision
 from util.models import model_from_name
+from util.precision import NativeScalerWithGradNormCount, autocast, fast_adamw_kwargs, resolve_precision
 
 ALL_MODES = ("fast", "baseline", "all_tokens", "finetune", "finetune_baseline")
 
@@ -565,14 +566,7 @@ def get_args_parser():
     p.add_argument("--data_path", default=None,
                    help="ImageFolder root (<data_path>/train/<class>/<image>) for the data-bound rows")
     p.add_argument("--num_workers", default=8, type=int)
-    p.add_argument("--pin_mem", action="store_true",
-                   help="pin DataLoader memory for the copy to the GPU (default; CUDA only)")
-    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    p.set_defaults(pin_mem=True)
-    p.add_argument("--skip_bad_images", action="store_true",
-                   help="skip images that fail to decode (with a warning) instead of stopping")
-    p.add_argument("--max_image_pixels", default=Image.MAX_IMAGE_PIXELS, type=int, metavar="N",
-                   help="Pillow's decompression-bomb limit (refuses images above 2N); 0 = no limit")
+    add_loader_args(p)  # --pin_mem / --no_pin_mem, --skip_bad_images, --max_image_pixels, as the scripts
     p.add_argument("--fast_decode", action="store_true",
                    help="pretraining transform with JPEG draft decoding (see util.datasets.PretrainTransform)")
     p.add_argument("--n", default=256, type=int,

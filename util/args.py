@@ -39,15 +39,7 @@ def add_common_args(parser):
     parser.add_argument("--data_path", default="./data", type=str,
                         help="dataset root holding train/ and val/ ImageFolder trees")
     parser.add_argument("--num_workers", default=10, type=int)
-    parser.add_argument("--pin_mem", action="store_true",
-                        help="pin CPU memory in the DataLoader for faster transfer to the GPU")
-    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    parser.set_defaults(pin_mem=True)
-    parser.add_argument("--skip_bad_images", action="store_true",
-                        help="skip images that fail to decode (with a warning) instead of stopping")
-    parser.add_argument("--max_image_pixels", default=Image.MAX_IMAGE_PIXELS, type=int, metavar="N",
-                        help="Pillow's decompression-bomb limit: it warns above N pixels and refuses "
-                             "images above 2N; 0 = no limit (default: Pillow's)")
+    add_loader_args(parser)
 
     # output, logging and checkpoints
     parser.add_argument("--output_dir", default="./output_dir", help="where to save checkpoints and log.txt")
@@ -90,6 +82,21 @@ def add_common_args(parser):
                         help="take rank and world size from OpenMPI's OMPI_COMM_WORLD_* variables")
     parser.add_argument("--dist_timeout", default=30, type=float,
                         help="minutes a collective may wait for a peer before the run fails")
+    return parser
+
+
+def add_loader_args(parser):
+    """Add the flags that util.datasets' build_dataset and DataLoaders read besides the data path,
+    the workers and the batch size (also used by benchmark.py's data rows)."""
+    parser.add_argument("--pin_mem", action="store_true",
+                        help="pin CPU memory in the DataLoader for faster transfer to the GPU")
+    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    parser.set_defaults(pin_mem=True)
+    parser.add_argument("--skip_bad_images", action="store_true",
+                        help="skip images that fail to decode (with a warning) instead of stopping")
+    parser.add_argument("--max_image_pixels", default=Image.MAX_IMAGE_PIXELS, type=int, metavar="N",
+                        help="Pillow's decompression-bomb limit: it warns above N pixels and refuses "
+                             "images above 2N; 0 = no limit (default: Pillow's)")
     return parser
 
 
