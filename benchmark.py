@@ -57,7 +57,7 @@ from PIL import Image
 
 import models_mae
 import models_vit
-from util.args import add_loader_args
+from util.args import HelpFormatter, add_loader_args
 from util.datasets import (PretrainTransform, benchmark_transform, build_dataset, build_pretrain_transform,
                            build_train_loader)
 from util.lr_decay import param_groups_lrd
@@ -542,7 +542,7 @@ def notes_for(args, device):
 # ---------------------------------------------------------------------------------------------
 
 def get_args_parser():
-    p = argparse.ArgumentParser("MAE training-speed benchmark", add_help=True)
+    p = argparse.ArgumentParser("MAE training-speed benchmark", add_help=True, formatter_class=HelpFormatter)
     p.add_argument("--model", default="mae_vit_base_patch16", help="a models_mae factory name")
     p.add_argument("--batch_size", default=16, type=int)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],

@@ -43,7 +43,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
     epoch done before a mid-epoch resume (data_loader then yields only the remaining ones).
     mixup_fn (timm Mixup) turns the targets into soft (N, num_classes) ones; criterion must fit.
     max_norm: gradient clipping (--clip_grad). frozen_backbone: linear probe, see set_train_mode.
-    Uses args.accum_iter, args.precision, args.log_freq and args.save_every_iters.
+    Uses args.accum_iter, args.precision, args.log_freq, args.save_every_iters and the lr schedule's
+    flags (util.lr_sched.set_lr: MAE's, or SimMIM's when args.lr_schedule is set).
     max_accuracy: the best test top-1 so far, which the mid-epoch checkpoints hold.
     Returns the epoch's averages over iterations and processes:
     {'loss': ..., 'lr': ...}. After a SIGTERM / SIGUSR1 (util.preemption) it saves
@@ -60,7 +61,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
 
         # we use a per iteration (instead of per epoch) lr scheduler, set at each accumulation cycle's start
         if data_iter_step % args.accum_iter == 0 or data_iter_step == start_iter:
-            lr = lr_sched.adjust_learning_rate(optimizer, log.progress(data_iter_step), args)
+            lr = lr_sched.set_lr(optimizer, epoch, data_iter_step, log.iters_per_epoch, args)  # MAE's or SimMIM's
         update_grad = (data_iter_step + 1) % args.accum_iter == 0
         with grad_sync(model, update_grad):
             with autocast(device, args.precision):

@@ -9,13 +9,22 @@ Evaluate a finetuned checkpoint:
     python main_finetune.py --eval --resume mae_finetuned_vit_base.pth --model vit_base_patch16 \
         --batch_size 16 --data_path /path/to/imagenet
 
+SimMIM (Xie et al., arXiv 2111.09886; SPEC-simmim sections 9, 10): --model beit_* (the BEiT-style
+ViT, mean pooling) or swin_* with --finetune a SimMIM checkpoint (main_pretrain.py --model simmim_*,
+or an official one) takes SimMIM's recipe, picked by the model name: the official checkpoint
+conversion, its layer ids and weight-decay sets, lr = blr x effective batch / 512 (--warmup_lr and
+--min_lr scaled alike), a per-iteration warmup from --warmup_lr then a cosine counted from
+iteration 0, AdamW (0.9, 0.999), --clip_grad 5.0 by default, the head kept at its init. ViT-B/16:
+    torchrun --nproc_per_node=8 main_finetune.py --model beit_base_patch16 --finetune simmim_pretrain.pth \
+        --batch_size 128 --accum_iter 2 --epochs 100 --warmup_epochs 20 --blr 1.25e-3 --warmup_lr 2.5e-7 \
+        --min_lr 2.5e-7 --layer_decay 0.65 --drop_path 0.1 --mixup 0.8 --cutmix 1.0 --data_path /path/to/imagenet
+
 Outputs (--output_dir): the checkpoints checkpoint-<epoch>.pth (every epoch as the original;
 --save_freq N for fewer, --keep_last K keeps the K newest) and checkpoint-best.pth (the best test
 top-1 so far: the weights, no optimizer state), and log.txt with one JSON line of train_* and
-test_* metrics per epoch. TensorBoard events go to --log_dir.
+test_* metrics per epoch, args.txt (every flag) and model.txt (the model printout). TensorBoard
+events go to --log_dir (default: --output_dir). --eval reads only <data_path>/val and writes nothing.
 """
-import argparse
-
 import torch
 from timm.data import Mixup
 from timm.layers import trunc_normal_
@@ -25,7 +34,8 @@ import util.checkpoint as ckpt
 import util.lr_decay as lrd
 import util.misc as misc
 from engine_finetune import evaluate, train_one_epoch
-from util.args import add_classifier_args, add_common_args, check_args, resolve_lr
+from util.args import (FinetuneArgumentParser, HelpFormatter, add_classifier_args, add_common_args,
+                       add_simmim_schedule_args, check_args, follows_simmim, resolve_finetune_defaults, resolve_lr)
 from util.checkpoint import load_pretrained_encoder
 from util.datasets import build_classification_loaders, build_transform
 from util.dist import wrap_model
@@ -36,14 +46,18 @@ from util.precision import NativeScalerWithGradNormCount, fast_adamw_kwargs
 def get_args_parser(add_help=False):
     """The flags of this script; add_help=False as the original, so that its launchers can use
     it as a parent parser (argparse.ArgumentParser(parents=[get_args_parser()]))."""
-    parser = argparse.ArgumentParser("MAE fine-tuning for image classification", add_help=add_help)
+    parser = FinetuneArgumentParser("MAE fine-tuning for image classification", add_help=add_help,
+                                    formatter_class=HelpFormatter)
     add_common_args(parser)
     # model
     parser.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path rate")
     # optimizer
     parser.add_argument("--clip_grad", type=float, default=None, metavar="NORM",
-                        help="clip gradient norm (default: none)")
-    parser.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay from ELECTRA/BEiT")
+                        help="clip gradient norm (default: none for vit_*, 5.0 for SimMIM's beit_* / swin_*)")
+    parser.add_argument("--layer_decay", type=float, default=0.75,
+                        help="layer-wise lr decay from ELECTRA/BEiT (SimMIM's recipes: 0.65 ViT-B, 0.9 / 0.8 "
+                             "Swin-B 100 / 800 epochs, 0.7 Swin-L)")
+    add_simmim_schedule_args(parser)  # beit_* / swin_*: --warmup_lr, --lr_schedule (cosine), --milestones, --gamma
     # augmentation
     parser.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
                         help="color jitter factor (enabled only when not using auto augment)")
@@ -73,6 +87,7 @@ def get_args_parser(add_help=False):
     parser.set_defaults(save_freq=1)  # checkpoint-<epoch>.pth after every epoch, as the original
     parser.set_defaults(model="vit_large_patch16", batch_size=64, epochs=50, warmup_epochs=5, blr=1e-3,
                         weight_decay=0.05, min_lr=1e-6, global_pool=True)
+    parser.set_defaults(warmup_lr=2.5e-7)  # SimMIM's finetuning recipes (all five)
     return parser
 
 
@@ -97,12 +112,30 @@ def build_mixup(args):
 
 
 def init_from_pretrained(model, args):
-    """--finetune: the encoder of a pretraining checkpoint, then head.weight ~ trunc_normal(std 2e-5)."""
+    """--finetune: the encoder of a pretraining checkpoint, then head.weight ~ trunc_normal(std 2e-5).
+    SimMIM's classifiers (beit_*, swin_*) keep the head of their init, as the official code does."""
     load_pretrained_encoder(model, args.finetune, unsafe=args.unsafe_load)
-    trunc_normal_(model.head.weight, std=2e-5)  # manually initialize fc layer
+    if not follows_simmim(args):
+        trunc_normal_(model.head.weight, std=2e-5)  # manually initialize fc layer
+
+
+def build_optimizer(model_without_ddp, args, device):
+    """AdamW (betas 0.9, 0.999) with layer-wise lr decay. MAE (vit_*): the original's groups
+    (util.lr_decay.param_groups_lrd: layer ids 0..depth + 1, lr_scale = decay^(depth + 1 - id)).
+    SimMIM (beit_*, swin_*): the official groups (util.lr_decay.simmim_param_groups_lrd: the layer
+    ids of the ViT or the Swin, scale = decay^(num_layers - 1 - id), its weight-decay sets), whose
+    lrs SimMIM's schedule sets (single layer decay: util.lr_sched.SimMIMLRSchedule)."""
+    if follows_simmim(args):
+        param_groups = lrd.simmim_param_groups_lrd(model_without_ddp, args.lr, args.weight_decay, args.layer_decay)
+        return torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.999), **fast_adamw_kwargs(device))
+    param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
+                                        no_weight_decay_list=model_without_ddp.no_weight_decay(),
+                                        layer_decay=args.layer_decay)
+    return torch.optim.AdamW(param_groups, lr=args.lr, **fast_adamw_kwargs(device))
 
 
 def main(args):
+    resolve_finetune_defaults(args)  # beit_* / swin_*: --clip_grad 5.0, --lr_schedule cosine (a launcher's parser)
     device = misc.init_run(args, training=not args.eval)  # --eval writes nothing: --output_dir is not claimed
 
     # <data_path>/train with RandAugment + random erasing, <data_path>/val resized + centre-cropped
@@ -111,21 +144,17 @@ def main(args):
 
     mixup_fn = build_mixup(args)
 
-    model = build_classifier(args, drop_path_rate=args.drop_path)  # models_vit.<args.model>
+    model = build_classifier(args, drop_path_rate=args.drop_path)  # models_vit / models_swin.<args.model>
     if args.finetune and not args.eval:
         init_from_pretrained(model, args)
     model.to(device)
     model_without_ddp = model
-    n_parameters = misc.print_model(model)
+    n_parameters = misc.print_model(model, args)  # one line; the printout goes to model.txt
 
-    resolve_lr(args)  # lr = blr * batch_size * accum_iter * world_size / 256 unless --lr
+    resolve_lr(args)  # lr = blr * batch_size * accum_iter * world_size / 256 (SimMIM: / 512) unless --lr
     model = wrap_model(model, args)  # DDP / torch.compile; checkpoints use model_without_ddp
 
-    # build optimizer with layer-wise lr decay (lrd)
-    param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
-                                        no_weight_decay_list=model_without_ddp.no_weight_decay(),
-                                        layer_decay=args.layer_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, **fast_adamw_kwargs(device))
+    optimizer = build_optimizer(model_without_ddp, args, device)  # layer-wise lr decay
     loss_scaler = NativeScalerWithGradNormCount(enabled=args.precision == "fp16", device_type=device.type)
     criterion = build_criterion(args, mixup_fn)
     print("criterion = %s" % str(criterion))
@@ -135,11 +164,12 @@ def main(args):
         return evaluate(data_loader_val, model, device, args)  # prints the accuracy
 
     max_accuracy = start.max_accuracy  # the best test top-1 before a resumed run
+    max_norm = (args.clip_grad or None) if follows_simmim(args) else args.clip_grad  # SimMIM: 0 = no clipping
 
     # start_iter > 0 only for an epoch resumed mid-way; the sampler skips the samples it saw
     for epoch, start_iter in misc.epochs_to_train(args, start, sampler_train, log_writer):
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
-                                      log_writer, args, start_iter, max_accuracy, max_norm=args.clip_grad,
+                                      log_writer, args, start_iter, max_accuracy, max_norm=max_norm,
                                       mixup_fn=mixup_fn)
 
         # evaluate before saving: the checkpoint then holds this epoch's max_accuracy and the

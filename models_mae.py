@@ -141,6 +141,16 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.norm(x)
         return x, mask, ids_restore
 
+    def forward_features(self, imgs):
+        """The encoder on every patch, no masking (the kNN monitor's features; no RNG drawn):
+        imgs (N, C, H, W) -> tokens (N, 1+L, D) after the final norm, the cls token first."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # (N, L, D)
+        cls_token = self.cls_token + self.pos_embed[:, :1, :]
+        x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (N, 1+L, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
     def forward_decoder(self, x, ids_restore):
         """x: (N, 1+K, D), ids_restore: (N, L) -> pred (N, L, p*p*C)."""
         x = self.decoder_embed(x)  # (N, 1+K, Dd)

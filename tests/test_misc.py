@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import LAUNCHER_VARS, REPO
-from util import checkpoint, misc
+from conftest import LAUNCHER_VARS
+from util import checkpoint, misc, precision
 from util.args import add_common_args, resolve_lr
 from util.checkpoint import ResumePoint
 from util.precision import NativeScalerWithGradNormCount, autocast, get_grad_norm_, resolve_precision
@@ -248,8 +248,12 @@ def test_training_log_finish_returns_the_epoch_averages(make_args, capsys):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_resolve_precision_and_autocast():
+def test_resolve_precision_and_autocast(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f"})  # bf16 only emulated
     assert resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})  # native bf16
+    assert resolve_precision("auto", "cpu") == "bf16"
+    assert resolve_precision("fp32", "cpu") == "fp32"
     assert resolve_precision("bf16", "cpu") == "bf16"
     assert resolve_precision("fp16", torch.device("cpu")) == "fp32"
     assert resolve_precision("fp32", "cpu") == "fp32"
@@ -424,6 +428,7 @@ def test_init_run_single_process(tmp_path, monkeypatch, capsys, make_args):
     argv = ["--device", "cpu", "--seed", "7", "--output_dir", str(out), "--log_dir", str(tmp_path / "tb" / "x")]
     saved = checkpoint.save_model(make_args("pretrain", *argv), 3, nn.Linear(2, 2), None, None)  # same flags
     args = make_args("pretrain", *argv)
+    monkeypatch.setattr(precision, "cpu_flags", set)  # a CPU without native bf16: auto is fp32
 
     device = misc.init_run(args)
     assert device == torch.device("cpu") and args.precision == "fp32" and not args.distributed
@@ -434,7 +439,10 @@ def test_init_run_single_process(tmp_path, monkeypatch, capsys, make_args):
     checkpoint.seed_everything(7)  # seed + rank 0
     assert draws() == drawn
     printed = capsys.readouterr().out
-    assert f"job dir: {REPO}\n" in printed and "seed=7,\n" in printed
+    # one line on the run instead of the ~50-line Namespace (the flags go to args.txt at the first epoch)
+    assert (f"] pretrain on cpu, 1 process, fp32; outputs in {out} (checkpoints, log.txt, args.txt, model.txt), "
+            f"TensorBoard in {tmp_path / 'tb' / 'x'}\n") in printed
+    assert "seed=7" not in printed and "Namespace" not in printed
 
 
 def test_print_model_counts_trainable_parameters(capsys):
@@ -442,7 +450,7 @@ def test_print_model_counts_trainable_parameters(capsys):
     model[1].bias.requires_grad_(False)
     assert misc.print_model(model) == 1_501_000
     out = capsys.readouterr().out
-    assert out.startswith("Model = Sequential(") and "number of params (M): 1.50\n" in out
+    assert out == "model: Sequential (Sequential), 1.50 M trainable parameters (500 frozen)\n"  # no args: no file
 
 
 class FakeSampler:

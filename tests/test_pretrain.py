@@ -1,8 +1,8 @@
-"""Pretraining stage: main_pretrain.py end to end, engine_pretrain.train_one_epoch, util/visualize
-and main_visualize.py.
+"""Pretraining stage: main_pretrain.py end to end, engine_pretrain.train_one_epoch, and
+main_visualize.py on a pretraining checkpoint (the grids: tests/test_visualize.py).
 
 The scripts run as subprocesses (plain and under torchrun with gloo) on a generated 32 px image
-folder; the engine and the reconstruction grid are checked in-process on tiny models.
+folder; the engine is checked in-process on tiny models.
 """
 import json
 import math
@@ -18,7 +18,6 @@ import main_pretrain
 import main_visualize
 from conftest import REPO
 from engine_pretrain import train_one_epoch
-from models_mae import MaskedAutoencoderViT
 from util import visualize
 from util.checkpoint import NonFiniteLossError, load_checkpoint, resume
 from util.dist import unwrap_model
@@ -90,7 +89,8 @@ def test_one_epoch_writes_checkpoint_log_tensorboard_and_reconstructions(first_r
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out, _ = first_run
     (stats,) = read_log(out)
-    assert stats["epoch"] == 0 and set(stats) == {"epoch", "train_loss", "train_lr"}
+    assert stats["epoch"] == 0 and set(stats) == {"epoch", "train_loss", "train_lr", "knn_top1", "knn_top5",
+                                                  "knn_avg_top1", "knn_avg_top5", "knn_seconds"}  # kNN: val/ exists
     assert math.isfinite(stats["train_loss"]) and stats["train_loss"] > 0
 
     checkpoint = load_checkpoint(os.path.join(out, "checkpoint-0.pth"))
@@ -111,7 +111,8 @@ def test_one_epoch_writes_checkpoint_log_tensorboard_and_reconstructions(first_r
     assert "reconstructions" in events.Tags()["images"]
 
     with Image.open(os.path.join(out, "reconstructions", "epoch_0000.png")) as im:
-        assert im.size == (4 * 32, 4 * 32)  # 4 columns x --vis_images rows of 32 px
+        width, height = im.size  # 4 columns x --vis_images rows of 32 px tiles shown at 96 px, titles on top
+        assert width == visualize.GAP + 4 * (96 + visualize.GAP) and height > 4 * (96 + visualize.GAP) + 10
 
 
 @pytest.mark.slow
@@ -422,93 +423,13 @@ def test_unwrap_finds_the_bare_model(tiny_mae):
 
 
 # ---------------------------------------------------------------------------------------------
-# util/visualize.py and main_visualize.py
+# main_visualize.py on a pretraining checkpoint (the grids themselves: tests/test_visualize.py)
 # ---------------------------------------------------------------------------------------------
 
-def cell(grid, row, col, size=32):
-    return grid[:, row * size:(row + 1) * size, col * size:(col + 1) * size]  # (3, S, S)
-
-
-def patch_mask_image(mask, size=32, patch=8):
-    """(L,) 0/1 patch mask -> (S, S) bool pixel mask."""
-    g = size // patch
-    return mask.reshape(g, g).repeat_interleave(patch, 0).repeat_interleave(patch, 1).bool()
-
-
-def test_reconstruction_grid_png(tmp_path, tiny_mae):
-    torch.manual_seed(0)
-    model = tiny_mae()
-    imgs = random_images(3)
-    noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(1))
-    path = str(tmp_path / "vis" / "grid.png")
-    grid = visualize.save_reconstructions(model, imgs, path, mask_ratio=0.75, noise=noise)
-    assert grid.dtype == torch.uint8 and grid.shape == (3, 3 * 32, 4 * 32)
-    with Image.open(path) as im:
-        assert im.size == (4 * 32, 3 * 32)
-        assert torch.equal(torch.from_numpy(np.array(im)).permute(2, 0, 1), grid)
-
-    _, mask, _ = model.random_masking(model.patch_embed(imgs), 0.75, noise)  # (3, 16)
-    assert model.training  # the grid put the model back in training mode
-    for r in range(3):
-        removed = patch_mask_image(mask[r])  # (32, 32)
-        assert removed.sum() == 12 * 64
-        original, masked, recon, pasted = (cell(grid, r, c) for c in range(4))
-        assert torch.equal(original, visualize.denormalize(imgs[r:r + 1])[0])
-        assert torch.equal(masked[:, ~removed], original[:, ~removed])  # visible cells equal
-        assert torch.equal(pasted[:, ~removed], original[:, ~removed])
-        assert torch.equal(pasted[:, removed], recon[:, removed])
-        assert (masked[:, removed] == 128).all()  # removed patches grey
-        assert (masked[:, removed] != original[:, removed]).any(0).float().mean() > 0.9
-
-
-class OracleMAE(MaskedAutoencoderViT):
-    """Predicts exactly its (normalised) target: a perfect reconstruction."""
-
-    def forward(self, imgs, mask_ratio=0.75, noise=None):
-        _, mask, _ = self.forward_encoder(imgs, mask_ratio, noise)
-        target = self.patchify(imgs)
-        if self.norm_pix_loss:
-            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** .5
-        return torch.zeros(()), target, mask
-
-
-@pytest.mark.parametrize("norm_pix_loss", [False, True])
-def test_reconstruction_undoes_norm_pix_loss(norm_pix_loss, tiny_mae):
-    model = tiny_mae(norm_pix_loss=norm_pix_loss)
-    model.__class__ = OracleMAE  # the same model, with the oracle's forward
-    pixels = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0)) / 255
-    imgs = (pixels - IMAGENET_MEAN.view(3, 1, 1)) / IMAGENET_STD.view(3, 1, 1)
-    grid = visualize.reconstruction_grid(model, imgs, mask_ratio=0.75).int()
-    for r in range(2):
-        assert (cell(grid, r, 2) - cell(grid, r, 0)).abs().max() <= 1  # reconstruction = original
-        assert (cell(grid, r, 3) - cell(grid, r, 0)).abs().max() <= 1
-
-
-def test_visualize_command(first_run, data_path, tmp_path):
+def test_visualize_command_on_a_pretraining_checkpoint(first_run, data_path):
     out, _ = first_run
-    checkpoint_path = os.path.join(out, "checkpoint-0.pth")
-    grid_path = str(tmp_path / "grid.png")
-    # model, input and patch size come from the checkpoint's args
-    grid = main_visualize.main(["--checkpoint", checkpoint_path, "--data_path", os.path.join(data_path, "train"),
-                           "--out", grid_path, "--num_images", "3", "--device", "cpu"])
-    assert grid.shape == (3, 3 * 32, 4 * 32)
-    with Image.open(grid_path) as im:
-        assert im.size == (4 * 32, 3 * 32)
-
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    for i in range(2):
-        Image.new("RGB", (40, 50), (60 * i, 100, 200)).save(flat / f"{i}.jpg")
-    grid = main_visualize.main(["--checkpoint", checkpoint_path, "--data_path", str(flat), "--out",
-                           str(tmp_path / "flat.png"), "--model", "mae_vit_tiny_patch16",
-                           "--num_images", "8"])
-    assert grid.shape == (3, 2 * 32, 4 * 32)
-
-    checkpoint = load_checkpoint(checkpoint_path)
-    checkpoint["model"] = {k: v for k, v in checkpoint["model"].items()
-                           if not k.startswith("decoder") and k != "mask_token"}
-    encoder_only = str(tmp_path / "encoder_only.pth")
-    torch.save(checkpoint, encoder_only)
-    with pytest.raises(ValueError, match="need a checkpoint with the decoder"):
-        main_visualize.main(["--checkpoint", encoder_only, "--data_path", str(flat), "--out",
-                        str(tmp_path / "x.png")])
+    grid = main_visualize.main(["--checkpoint", os.path.join(out, "checkpoint-0.pth"), "--data_path",
+                                os.path.join(data_path, "val"), "--num_images", "2", "--device", "cpu"])
+    with Image.open(os.path.join(out, "reconstructions-checkpoint-0.png")) as im:  # beside the checkpoint
+        assert im.size == (grid.shape[2], grid.shape[1])
+    assert grid.shape[2] == visualize.GAP + 4 * (96 + visualize.GAP)  # 32 px tiles shown at 96 px

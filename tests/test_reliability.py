@@ -17,6 +17,7 @@ than these runs); an uncaught exception there counts as exit status 1, as in a s
 import argparse
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -40,7 +41,8 @@ PRETRAIN = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_si
 CLASSIFY = ["--model", "vit_tiny_patch16", "--input_size", "32", "--patch_size", "16", "--nb_classes", "4",
             "--batch_size", "8", "--device", "cpu", "--num_workers", "0", "--precision", "fp32", "--seed", "0",
             "--warmup_epochs", "0", "--save_freq", "1", "--log_freq", "1"]
-FINAL_NAMES = re.compile(r"checkpoint-(\d+|last|best)\.pth|log\.txt|run\.json|events\.out\.tfevents\..*")
+FINAL_NAMES = re.compile(r"checkpoint-(\d+|last|best)\.pth|log\.txt|run\.json|args\.txt|model\.txt|"
+                         r"events\.out\.tfevents\..*")
 
 needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc to find the ranks")
 
@@ -196,9 +198,15 @@ def test_resume_at_epoch_boundary_is_bit_exact(reference, data, tmp_path, run_sc
     assert f"Auto-resume from {out / 'checkpoint-0.pth'}" in log
     assert "continuing at epoch 1, iteration 0" in log
     assert_same_training_state(out / "checkpoint-1.pth", uninterrupted / "checkpoint-1.pth")
-    resumed_log = open(out / "log.txt").read().splitlines()
-    straight_log = open(uninterrupted / "log.txt").read().splitlines()
+    resumed_log, straight_log = (read_log_lines(d / "log.txt") for d in (out, uninterrupted))
     assert resumed_log == straight_log  # epoch 0 from the first run, epoch 1 identical numbers
+    assert all("knn_top1" in line for line in straight_log)  # the kNN monitor ran at both epochs
+
+
+def read_log_lines(path):
+    """log.txt's lines as dicts, without the timings (knn_seconds), which vary run to run."""
+    lines = [json.loads(line) for line in open(path)]
+    return [{k: v for k, v in line.items() if k != "knn_seconds"} for line in lines]
 
 
 def kill_during_save(cmd, out, target, log_path):

@@ -27,6 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import models_simmim
+import models_swin
+import models_vit
 from util import preemption
 from util.dist import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 from util.pos_embed import interpolate_patch_embed, interpolate_pos_embed
@@ -729,10 +732,14 @@ def load_pretrained_encoder(model, path, unsafe=False):
     ValueError lists the offending keys (typically a checkpoint of another model size).
     The head is NOT initialised here (the callers draw it: std 2e-5 finetune, 0.01 linprobe).
     Returns torch's load result (missing_keys, unexpected_keys).
+    SimMIM's classifiers (models_vit.beit_*, models_swin.swin_*) take SimMIM checkpoints through
+    the official conversion instead (_load_simmim_encoder), checked the same way.
     """
     checkpoint = load_checkpoint(path, unsafe=unsafe)
     checkpoint_model = dict(_state_dict_of(checkpoint, path))
     print(f"Load pre-trained checkpoint from: {path}")
+    if is_simmim_classifier(model):
+        return _load_simmim_encoder(model, checkpoint_model, path)
 
     model_state = model.state_dict()
     for k in ("head.weight", "head.bias"):
@@ -751,9 +758,68 @@ def load_pretrained_encoder(model, path, unsafe=False):
         check_state_dict_compat(model, checkpoint_model, allowed_missing=allowed_missing,
                                 allowed_unexpected=UNUSED_CHECKPOINT_KEYS)
     except ValueError as e:
-        raise ValueError(f"--finetune {path} does not fit the {type(model).__name__}: {e}") from e
+        raise ValueError(f"--finetune {path} does not fit the {type(model).__name__}: {e}"
+                         f"{_method_hint(checkpoint_model, simmim_model=False)}") from e
 
     msg = model.load_state_dict(checkpoint_model, strict=False)
+    print(f"Missing keys (trained from scratch): {msg.missing_keys}")
+    print(f"Unused checkpoint keys: {msg.unexpected_keys}")
+    return msg
+
+
+# A SimMIM pretraining checkpoint's keys (its `encoder.` prefix removed) that its finetune
+# classifiers do not take: the mask token, the ViT's final `norm` (mean pooling: fc_norm starts
+# fresh, SPEC-simmim section 9), the shared relative position table (copied into every block), the
+# buffers the model computes for its own size, and a head of another shape.
+SIMMIM_UNUSED_CHECKPOINT_KEYS = ("mask_token", "norm.*", "rel_pos_bias.*", "*relative_position_index",
+                                 "*relative_coords_table", "*attn_mask", "head.*")
+
+
+def is_simmim_classifier(model):
+    """True for the classifiers SimMIM's checkpoints finetune: models_vit.BeitClassifier (beit_*)
+    and models_swin.SwinTransformer (swin_*)."""
+    return isinstance(model, (models_vit.BeitClassifier, models_swin.SwinTransformer))
+
+
+def _encoder_keys(checkpoint_model):
+    """The keys a SimMIM checkpoint offers a classifier: without a DDP `module.` prefix, and only
+    the `encoder.*` ones (prefix removed) when it has any (a pretraining checkpoint)."""
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in checkpoint_model]
+    if any(k.startswith("encoder.") for k in keys):
+        keys = [k[len("encoder."):] for k in keys if k.startswith("encoder.")]
+    return keys
+
+
+def _method_hint(checkpoint_model, simmim_model):
+    """A last line for a refusal when the checkpoint is of the other method's pretraining."""
+    keys = _encoder_keys(checkpoint_model)
+    if not simmim_model and any(k.startswith(("encoder.", "module.encoder.")) for k in checkpoint_model):
+        return ("\n  hint: a SimMIM checkpoint (encoder.* keys): finetune it with --model beit_* (ViT encoder) "
+                "or swin_* (Swin encoder)")
+    if simmim_model and ("pos_embed" in keys or any(k.startswith("decoder_") for k in keys)):
+        return "\n  hint: a MAE checkpoint (pos_embed, decoder_*): finetune it with --model vit_*"
+    return ""
+
+
+def _load_simmim_encoder(model, checkpoint_model, path):
+    """load_pretrained_encoder for SimMIM's classifiers (beit_*, swin_*): the checkpoint (this
+    project's SimMIM pretraining, or an official {'model': ...} with encoder.* keys, or a finetuned
+    one) goes through models_simmim.finetune_state_dict (SPEC-simmim section 9: decoder dropped,
+    the ViT's shared relative position table copied into every block, tables resized by the
+    geometric cubic rule to the model's window / patch grid; it prints what it discards). Checked
+    before loading as MAE's: the model may miss only head.* and fc_norm.*, the checkpoint's keys
+    that the model does not take must be SIMMIM_UNUSED_CHECKPOINT_KEYS, and every shape must
+    match; otherwise a ValueError lists the offending keys. Loaded with strict=False; the head
+    keeps the model's init (official: no re-draw after loading). Returns torch's load result."""
+    state = models_simmim.finetune_state_dict(checkpoint_model, model)
+    discarded = {k: None for k in _encoder_keys(checkpoint_model) if k not in state}  # what the check sees
+    try:
+        check_state_dict_compat(model, {**discarded, **state}, allowed_missing=("head.*", "fc_norm.*"),
+                                allowed_unexpected=SIMMIM_UNUSED_CHECKPOINT_KEYS)
+    except ValueError as e:
+        raise ValueError(f"--finetune {path} does not fit the {type(model).__name__}: {e}"
+                         f"{_method_hint(checkpoint_model, simmim_model=True)}") from e
+    msg = model.load_state_dict(state, strict=False)
     print(f"Missing keys (trained from scratch): {msg.missing_keys}")
     print(f"Unused checkpoint keys: {msg.unexpected_keys}")
     return msg

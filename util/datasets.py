@@ -423,7 +423,7 @@ def build_dataset(is_train, args, transform):
     root = _split_root(args.data_path, "train" if is_train else "val")
     dataset = ImageFolderDataset(root, transform, skip_bad_images=args.skip_bad_images,
                                  max_image_pixels=args.max_image_pixels)
-    print(dataset)
+    print(f"data: {root}: {len(dataset)} images in {len(dataset.classes)} classes")
     return dataset
 
 
@@ -541,12 +541,17 @@ def build_val_loader(args, dataset):
 def build_classification_loaders(args, build_transform_fn):
     """The data of finetuning and linear probing: <data_path>/train through
     build_transform_fn(True, args) and <data_path>/val through build_transform_fn(False, args),
-    the training classes checked against --nb_classes (--eval builds the training loader without
-    training on it). Returns (sampler_train, data_loader_train, data_loader_val)."""
+    the training classes checked against --nb_classes. --eval reads only <data_path>/val (no
+    train/ folder needed; its classes are checked instead): the training sampler and loader are
+    None. Returns (sampler_train, data_loader_train, data_loader_val)."""
+    if args.eval:
+        dataset_val = build_dataset(False, args, build_transform_fn(False, args))
+        check_num_classes(dataset_val, args.nb_classes)
+        return None, None, build_val_loader(args, dataset_val)
     dataset_train = build_dataset(True, args, build_transform_fn(True, args))
     dataset_val = build_dataset(False, args, build_transform_fn(False, args))
     check_num_classes(dataset_train, args.nb_classes)
-    sampler_train, data_loader_train = build_train_loader(args, dataset_train, training=not args.eval)
+    sampler_train, data_loader_train = build_train_loader(args, dataset_train)
     return sampler_train, data_loader_train, build_val_loader(args, dataset_val)
 
 

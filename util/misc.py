@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import util.preemption as preemption
+from util.args import resolve_log_dir
 from util.checkpoint import (NonFiniteLossError, UnreadableCheckpointsError, atomic_write_text, seed_everything,
                              set_aside_diverged_checkpoint)
 from util.dist import (comm_device, get_rank, get_world_size, init_distributed_mode, is_dist_avail_and_initialized,
@@ -137,11 +138,17 @@ class MetricLogger:
         """{name: global average} of the meters that saw a value (the epoch's stats)."""
         return {name: meter.global_avg for name, meter in self.meters.items() if meter.count}
 
-    def log_every(self, iterable, print_freq, header=None, start_iter=0):
+    def log_every(self, iterable, print_freq, header=None, start_iter=0, epochs_after=None, images_per_iter=None):
         """Yield the items of `iterable`, printing progress every print_freq iterations.
 
         start_iter: iterations of this epoch already done before `iterable` (mid-epoch resume);
         `iterable` yields the remaining ones, and the printed index / ETA count from start_iter.
+        epochs_after: the epochs the run trains after this one; when given, each progress line
+        also shows the whole run's ETA ("run eta"): this epoch's remaining iterations plus
+        epochs_after full epochs, all at this epoch's average time per iteration so far (the
+        evaluation and checkpoints between epochs are not counted). images_per_iter: the images
+        of one iteration over all processes (batch_size x world size); when given, the closing
+        "Total time" line shows the images per second of the epoch.
         """
         header = header or ""
         total = start_iter + len(iterable)
@@ -156,9 +163,11 @@ class MetricLogger:
             yield obj
             iter_time.update(time.time() - end)
             if is_log_point(i, start_iter, total, print_freq):
-                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
-                parts = [header, f"[{i:>{width}}/{total}]", f"eta: {eta}", str(self),
-                         f"time: {iter_time}", f"data: {data_time}"]
+                left = total - i - 1  # iterations left in this epoch
+                parts = [header, f"[{i:>{width}}/{total}]", f"eta: {_duration(iter_time.global_avg * left)}"]
+                if epochs_after is not None:
+                    parts.append(f"run eta: {_duration(iter_time.global_avg * (left + epochs_after * total))}")
+                parts += [str(self), f"time: {iter_time}", f"data: {data_time}"]
                 if show_mem:
                     parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
                 print(self.delimiter.join(p for p in parts if p))
@@ -166,8 +175,14 @@ class MetricLogger:
             end = time.time()
         done = i - start_iter
         total_time = time.time() - start_time
-        print(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
-              f"({total_time / max(done, 1):.4f} s / it)")
+        speed = f", {done * images_per_iter / total_time:.1f} images/s" if images_per_iter and total_time > 0 else ""
+        print(f"{header} Total time: {_duration(total_time)} ({total_time / max(done, 1):.4f} s / it{speed})")
+
+
+def _duration(seconds):
+    """h:mm:ss of a number of seconds (whole seconds, as the original's ETA); 'd days, h:mm:ss'
+    past a day."""
+    return str(datetime.timedelta(seconds=int(seconds)))
 
 
 class TrainingLog:
@@ -183,7 +198,8 @@ class TrainingLog:
     units, which calibrate curves of different batch sizes.
 
     start_iter: the iterations of the epoch done before a mid-epoch resume; iters_per_epoch:
-    the whole epoch's. Uses args.accum_iter and args.log_freq.
+    the whole epoch's. Uses args.accum_iter, args.log_freq, and args.epochs and args.batch_size
+    (the run's ETA and the images/s that iterate() prints).
     """
 
     def __init__(self, epoch, start_iter, iters_per_epoch, args, log_writer=None, loss_name="loss"):
@@ -191,13 +207,16 @@ class TrainingLog:
         self.meters.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
         self.epoch, self.start_iter, self.iters_per_epoch = epoch, start_iter, iters_per_epoch
         self.accum_iter, self.log_freq = args.accum_iter, args.log_freq
+        self.epochs, self.batch_size = args.epochs, args.batch_size
         self.log_writer, self.loss_name = log_writer, loss_name
         self.pending = []  # (iteration, lr, loss (0-d tensor), grad norm (0-d tensor) or None)
 
     def iterate(self, data_loader):
         """(iteration, batch) pairs from start_iter on, printing progress at the log points."""
         header = f"Epoch: [{self.epoch}]"
-        batches = self.meters.log_every(data_loader, self.log_freq, header, start_iter=self.start_iter)
+        batches = self.meters.log_every(data_loader, self.log_freq, header, start_iter=self.start_iter,
+                                        epochs_after=max(self.epochs - self.epoch - 1, 0),
+                                        images_per_iter=self.batch_size * get_world_size())
         return enumerate(batches, start=self.start_iter)
 
     def progress(self, iteration):
@@ -253,37 +272,117 @@ class TrainingLog:
 def init_run(args, training=True):
     """The common start of the three training scripts; returns the torch.device to train on.
 
-    In order: join the process group or set up a single process (init_distributed_mode), check
-    that --output_dir and --log_dir are writable (rank 0), print the job dir and the arguments,
-    claim --output_dir when training (util.run_dir.claim_output_dir: its lock, and a stop before
-    anything is built when it holds another run, or this run with other flags, or this run
-    already complete; it removes there the partial files of saves killed midway),
-    resolve args.precision for the device, seed torch / numpy / random with seed + rank (each
-    rank its own masking noise, drop path and mixup draws) and turn on cudnn.benchmark.
+    In order: join the process group or set up a single process (init_distributed_mode), resolve
+    --log_dir (default: --output_dir), check that --output_dir and --log_dir are writable (rank
+    0), claim --output_dir when training (util.run_dir.claim_output_dir: its lock, and a stop
+    before anything is built when it holds another run, or this run with other flags, or this run
+    already complete; it removes there the partial files of saves killed midway), resolve
+    args.precision for the device, choose the CPU threads (set_cpu_threads), print one line on
+    the device, processes, precision and outputs (the full flags go to args.txt: write_run_files),
+    seed torch / numpy / random with seed + rank (each rank its own masking noise, drop path and
+    mixup draws) and turn on cudnn.benchmark.
     """
     init_distributed_mode(args)
+    resolve_log_dir(args)
     if is_main_process():
         for folder in {args.output_dir, args.log_dir} - {None, ""}:
             check_output_dir(folder)
 
-    print("job dir: {}".format(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
-    print("{}".format(args).replace(", ", ",\n"))
     if training:
         claim_output_dir(args)
 
     device = torch.device(args.device)
     args.precision = resolve_precision(args.precision, device)
+    set_cpu_threads(args, device)
+    print(_run_line(args, device, training))
     seed_everything(args.seed + get_rank())
     torch.backends.cudnn.benchmark = True
     return device
 
 
-def print_model(model):
-    """Print the model and its number of trainable parameters; return that number."""
+def _run_line(args, device, training):
+    """'<stage> on <device>, N process(es), <precision>; <where the outputs go>'."""
+    stage = getattr(args, "stage", "run") + ("" if training else " --eval")
+    if not training:
+        outputs = "writes nothing"
+    elif not args.output_dir:
+        outputs = "no --output_dir: nothing is saved"
+    else:
+        outputs = f"outputs in {args.output_dir} (checkpoints, log.txt, args.txt, model.txt"
+        outputs += ", TensorBoard)" if args.log_dir == args.output_dir else ")"
+        if args.log_dir != args.output_dir:
+            outputs += f", TensorBoard in {args.log_dir}" if args.log_dir else ", no TensorBoard (--log_dir '')"
+    world = get_world_size()
+    return f"{stage} on {device}, {world} process{'es' if world > 1 else ''}, {args.precision}; {outputs}"
+
+
+# torch's thread count when this module was imported: a different count at init_run means that
+# the caller chose one (torch.set_num_threads), which set_cpu_threads then keeps
+_THREADS_AT_IMPORT = torch.get_num_threads()
+
+
+def set_cpu_threads(args, device):
+    """On the CPU, unless the user chose (OMP_NUM_THREADS set, or torch.set_num_threads called
+    since this module was imported): torch.set_num_threads(max(1, min(torch's default, cores //
+    processes on this node - num_workers))), leaving a core to each DataLoader worker, and say so
+    in one line.
+
+    Why: torch's default (one thread per core) makes each process's OpenMP threads compete with
+    the DataLoader workers and any other work for the same cores. Measured on 2 shared cores
+    (README quickstart, --num_workers 2): 2.9-6.3 s per iteration with the default 2 threads
+    against 0.53-0.75 s with 1. Returns the threads set, or None when left as they were."""
+    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() != _THREADS_AT_IMPORT:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    default = torch.get_num_threads()
+    threads = max(1, min(default, cores // local_processes - args.num_workers))
+    print(f"CPU threads: {threads} per process ({cores} cores / {local_processes} process(es) - "
+          f"{args.num_workers} DataLoader workers, at least 1, at most torch's default {default}, which was "
+          "several times slower when the cores are shared). Set OMP_NUM_THREADS to choose.")
+    torch.set_num_threads(threads)
+    return threads
+
+
+def print_model(model, args=None):
+    """Print one line: the model's class, its number of trainable parameters and, when the run
+    writes its files (write_run_files), where the full printout is (model.txt). Returns the
+    number of trainable parameters."""
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print("Model = %s" % str(model))
-    print("number of params (M): %.2f" % (n_parameters / 1.0e6))
+    total = sum(p.numel() for p in model.parameters())
+    name = getattr(args, "model", None) or type(model).__name__
+    where = write_run_files(args, "model.txt", str(model) + "\n") if args is not None else None
+    frozen = f" ({total - n_parameters:,} frozen)" if total != n_parameters else ""
+    print(f"model: {name} ({type(model).__name__}), {n_parameters / 1e6:.2f} M trainable parameters{frozen}"
+          + (f"; printout in {where}" if where else ""))
     return n_parameters
+
+
+def print_optimizer(optimizer):
+    """Print the optimizer on one line: its class, parameter groups, weight decays and settings
+    (the full printout of torch is ~15 lines a group)."""
+    groups = optimizer.param_groups
+    decays = sorted({g["weight_decay"] for g in groups if "weight_decay" in g})
+    settings = [f"{k} {optimizer.defaults[k]}" for k in ("betas", "eps", "momentum", "trust_coefficient")
+                if optimizer.defaults.get(k) is not None]
+    settings += [k for k in ("fused", "foreach") if optimizer.defaults.get(k)]
+    print(f"optimizer: {type(optimizer).__name__}, {len(groups)} parameter group{'s' if len(groups) > 1 else ''}"
+          f" (weight decay {' / '.join(map(str, decays))}), " + ", ".join(settings))
+
+
+def write_run_files(args, name, text):
+    """Write `text` to {output_dir}/{name} atomically (rank 0 of a training run with an
+    --output_dir; --eval writes nothing) and return its path, else None."""
+    if not (args.output_dir and is_main_process() and not getattr(args, "eval", False)):
+        return None
+    path = os.path.join(args.output_dir, name)
+    atomic_write_text(path, text)
+    return path
+
+
+def _args_text(args):
+    """One 'name: value' line per flag (values as Python literals), in the parser's order."""
+    return "".join(f"{name}: {value!r}\n" for name, value in vars(args).items())
 
 
 def epochs_to_train(args, start, sampler, log_writer=None):
@@ -295,7 +394,8 @@ def epochs_to_train(args, start, sampler, log_writer=None):
     run (their evaluation and saves included), SIGTERM / SIGUSR1 stop training at the next
     optimizer step (util.preemption; run() ends the script)."""
     trim_log(args, start)
-    print(f"Start training for {args.epochs} epochs ({args.precision})")
+    where = write_run_files(args, "args.txt", _args_text(args))  # resolved: lr, precision, world size
+    print(f"Start training for {args.epochs} epochs ({args.precision})" + (f"; all flags in {where}" if where else ""))
     start_time = time.time()
     preemption.install()
     try:
@@ -311,8 +411,9 @@ def epochs_to_train(args, start, sampler, log_writer=None):
 
 
 def create_log_writer(args, training=True):
-    """A TensorBoard SummaryWriter on args.log_dir on rank 0 when training, else None."""
-    if not (is_main_process() and args.log_dir and training):
+    """A TensorBoard SummaryWriter on args.log_dir (default: --output_dir, resolve_log_dir) on
+    rank 0 when training, else None."""
+    if not (is_main_process() and resolve_log_dir(args) and training):
         return None
     from torch.utils.tensorboard import SummaryWriter  # imported here: only the scripts need it
     return SummaryWriter(log_dir=args.log_dir)

@@ -43,7 +43,8 @@ STALE_S = 300
 RESULT_ARGS = (
     "model", "input_size", "patch_size", "lr", "blr", "min_lr", "weight_decay", "warmup_epochs",
     "batch_size", "accum_iter", "world_size", "data_path", "seed",
-    "mask_ratio", "norm_pix_loss", "fast_decode",
+    "mask_ratio", "norm_pix_loss", "fast_decode", "mask_patch_size", "warmup_lr", "lr_schedule", "milestones",
+    "gamma",
     "finetune", "nb_classes", "global_pool", "drop_path", "clip_grad", "layer_decay", "smoothing",
     "color_jitter", "aa", "reprob", "remode", "recount", "mixup", "cutmix", "cutmix_minmax", "mixup_prob",
     "mixup_switch_prob", "mixup_mode",
@@ -52,7 +53,8 @@ RESULT_ARGS = (
 # each process's shard, in cycles of accum_iter iterations.
 MID_EPOCH_ARGS = ("batch_size", "world_size", "accum_iter")
 # The files a run writes into its folder (what --overwrite moves aside).
-_RUN_FILES = re.compile(r"run\.json|log\.txt|checkpoint-.+\.pth.*|events\.out\.tfevents\..+|reconstructions"
+_RUN_FILES = re.compile(r"run\.json|log\.txt|args\.txt|model\.txt|checkpoint-.+\.pth.*|events\.out\.tfevents\..+"
+                        r"|reconstructions"
                         r"|\..+\.tmp-.+")
 _CHECKPOINT = re.compile(r"checkpoint-.+\.pth")
 
