@@ -32,7 +32,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, SUBPROCESS_ENV
+from conftest import REPO, SUBPROCESS_ENV, assert_same_training_state
 from util.checkpoint import atomic_save, find_latest_checkpoint, load_checkpoint
 
 PRETRAIN = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "16", "--batch_size", "4",
@@ -134,28 +134,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def assert_same_training_state(path_a, path_b):
-    """Model, optimizer (state and param groups), epoch/step and every rank's RNG states equal
-    bit for bit."""
-    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
-    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), f"model {k} differs"
-    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
-    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert state_a.keys() == state_b.keys() and len(state_a) > 0
-    for i in state_a:
-        assert state_a[i].keys() == state_b[i].keys()
-        for name in state_a[i]:
-            assert torch.equal(state_a[i][name], state_b[i][name]), f"optimizer state {i}.{name} differs"
-    assert len(a["rng"]) == len(b["rng"])
-    for ra, rb in zip(a["rng"], b["rng"]):
-        assert torch.equal(ra["torch"], rb["torch"])
-        assert torch.equal(ra["numpy"]["key"], rb["numpy"]["key"]) and ra["numpy"]["pos"] == rb["numpy"]["pos"]
-        assert ra["python"] == rb["python"]
 
 
 # ---------------------------------------------------------------------------------------------

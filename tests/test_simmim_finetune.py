@@ -11,6 +11,8 @@ import os
 import pytest
 import torch
 
+from conftest import assert_same_training_state
+
 import main_finetune
 import main_linprobe
 import models_simmim
@@ -295,22 +297,6 @@ def test_swin_finetune_from_the_command_line(tmp_path, toy_data, cli):
     assert "Missing keys (trained from scratch): ['head.weight', 'head.bias']" in output
     (log,) = read_log(tmp_path / "ft")
     assert math.isfinite(log["train_loss"]) and log["train_lr"] == pytest.approx(2.5e-7 * 8 / 512)
-
-
-def assert_same_training_state(path_a, path_b):
-    """Model, optimizer (state and groups) and RNG states of two checkpoints equal bit for bit."""
-    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
-    assert a["epoch"] == b["epoch"] and a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), f"model {k} differs"
-    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
-    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert state_a.keys() == state_b.keys() and len(state_a) > 0
-    for i in state_a:
-        for name in state_a[i]:
-            assert torch.equal(state_a[i][name], state_b[i][name]), f"optimizer state {i}.{name} differs"
-    for ra, rb in zip(a["rng"], b["rng"], strict=True):
-        assert torch.equal(ra["torch"], rb["torch"]) and ra["python"] == rb["python"]
 
 
 @pytest.mark.slow
