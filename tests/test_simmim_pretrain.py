@@ -1,7 +1,7 @@
 """SimMIM pretraining through main_pretrain.py and engine_pretrain.py (issue 12): the flags and
 their --model defaults, the optimizer, the lr rule and schedule, the engine fed by the data
 pipeline's masks, the reconstruction grids and kNN features, and end to end from the command line
-(2 epochs, exact resume).
+(2 epochs, exact resume, then the chain on through finetuning, evaluation and linear probing).
 
 Tiny models: simmim_vit_tiny_patch16 with 1 block of width 32 at 32 px in 8 px patches (16 of them,
 2 x 2 mask blocks of 16 px) in-process; the command-line runs use the factory's 12 blocks at 32 px.
@@ -433,3 +433,40 @@ def test_resume_at_epoch_boundary_is_bit_exact(runs, data, tmp_path):
     assert_same_training_state(out / "checkpoint-1.pth", straight / "checkpoint-1.pth")
     drop_timing = [{k: v for k, v in line.items() if k != "knn_seconds"} for line in read_log(out)]
     assert drop_timing == [{k: v for k, v in line.items() if k != "knn_seconds"} for line in read_log(straight)]
+
+
+@pytest.mark.slow
+def test_pretrain_finetune_linprobe_chain_from_the_command_line(runs, data, tmp_path, cli):
+    """The whole SimMIM chain as a user types it: the pretraining run's checkpoint (main_pretrain.py,
+    above) -> main_finetune.py --finetune -> main_finetune.py --eval of the finetuned checkpoint, and
+    main_linprobe.py --finetune of the same pretraining checkpoint."""
+    pretrain = runs[0] / "checkpoint-1.pth"
+    encoder = {k.removeprefix("encoder."): v for k, v in load_checkpoint(pretrain)["model"].items()
+               if k.startswith("encoder.")}
+    common = ["--device", "cpu", "--num_workers", 0, "--model", "beit_tiny_patch16", "--input_size", 32,
+              "--patch_size", 8, "--nb_classes", 4, "--batch_size", 4, "--data_path", data]
+
+    status, output = cli("main_finetune.py", *common, "--finetune", pretrain, "--epochs", 1, "--warmup_epochs", 0,
+                         "--output_dir", tmp_path / "ft")
+    assert status == 0, output[-3000:]
+    assert "Missing keys (trained from scratch): ['fc_norm.weight', 'fc_norm.bias', 'head.weight', 'head.bias']" \
+        in output and "Unused checkpoint keys: []" in output
+    (ft_log,) = read_log(tmp_path / "ft")
+    assert math.isfinite(ft_log["train_loss"]) and 0 <= ft_log["test_acc1"] <= 100
+    finetuned = load_checkpoint(tmp_path / "ft" / "checkpoint-0.pth")["model"]
+    assert not torch.equal(finetuned["blocks.0.attn.qkv.weight"], encoder["blocks.0.attn.qkv.weight"])  # trained
+
+    status, output = cli("main_finetune.py", *common, "--eval", "--resume", tmp_path / "ft" / "checkpoint-0.pth")
+    assert status == 0, output[-3000:]
+    assert f"Accuracy of the network on the 4 test images: {ft_log['test_acc1']:.1f}%" in output  # the same model
+
+    status, output = cli("main_linprobe.py", *common, "--finetune", pretrain, "--epochs", 1, "--warmup_epochs", 0,
+                         "--output_dir", tmp_path / "lp")
+    assert status == 0, output[-3000:]
+    (lp_log,) = read_log(tmp_path / "lp")
+    assert math.isfinite(lp_log["train_loss"]) and lp_log["n_parameters"] == 192 * 4 + 4  # the head alone
+    probed = load_checkpoint(tmp_path / "lp" / "checkpoint-0.pth")["model"]
+    for i in range(12):  # the pretrained encoder, frozen, its shared table in every block
+        assert torch.equal(probed[f"blocks.{i}.attn.qkv.weight"], encoder[f"blocks.{i}.attn.qkv.weight"])
+        assert torch.equal(probed[f"blocks.{i}.attn.relative_position_bias_table"],
+                           encoder["rel_pos_bias.relative_position_bias_table"])
