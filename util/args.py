@@ -155,7 +155,8 @@ def add_simmim_schedule_args(parser):
     linear warmup from --warmup_lr, then a cosine to --min_lr or steps of --gamma at --milestones."""
     parser.add_argument("--warmup_lr", type=float, default=5e-7, metavar="LR",
                         help="SimMIM: the lr the warmup starts from, a base value scaled like --blr "
-                             "(x effective batch / 512); the official default (Swin-B 100 epochs: 1e-6)")
+                             "(x effective batch / 512); default: the official config's default; its recipes set their own "
+                             "(e.g. 1e-6 for Swin-B 100-epoch pretraining, 2.5e-7 for finetuning: see the README)")
     parser.add_argument("--lr_schedule", default=None, choices=["cosine", "multistep"],
                         help="SimMIM's schedule after the warmup: cosine (to --min_lr, counted from iteration "
                              "0) or multistep (x --gamma at each of --milestones); default cosine for SimMIM "

@@ -754,14 +754,20 @@ def load_pretrained_encoder(model, path, unsafe=False):
     allowed_missing = ["head.*"]
     if any(k.startswith("fc_norm.") for k in model_state):  # global pool: fc_norm starts fresh
         allowed_missing.append("fc_norm.*")
-    try:
-        check_state_dict_compat(model, checkpoint_model, allowed_missing=allowed_missing,
-                                allowed_unexpected=UNUSED_CHECKPOINT_KEYS)
-    except ValueError as e:
-        raise ValueError(f"--finetune {path} does not fit the {type(model).__name__}: {e}"
-                         f"{_method_hint(checkpoint_model, simmim_model=False)}") from e
+    return _check_and_load(model, checkpoint_model, checkpoint_model, path, _method_hint(checkpoint_model, False),
+                           allowed_missing=allowed_missing, allowed_unexpected=UNUSED_CHECKPOINT_KEYS)
 
-    msg = model.load_state_dict(checkpoint_model, strict=False)
+
+def _check_and_load(model, state, checked, path, hint, **allowed):
+    """Load `state` into model with strict=False after check_state_dict_compat(model, checked,
+    **allowed) passed (checked: the keys the checkpoint offered, state: those it loads); a misfit
+    raises a ValueError naming the checkpoint, the model, the offending keys and `hint`. Prints
+    the missing and unused keys; returns torch's load result."""
+    try:
+        check_state_dict_compat(model, checked, **allowed)
+    except ValueError as e:
+        raise ValueError(f"--finetune {path} does not fit the {type(model).__name__}: {e}{hint}") from e
+    msg = model.load_state_dict(state, strict=False)
     print(f"Missing keys (trained from scratch): {msg.missing_keys}")
     print(f"Unused checkpoint keys: {msg.unexpected_keys}")
     return msg
@@ -813,13 +819,5 @@ def _load_simmim_encoder(model, checkpoint_model, path):
     keeps the model's init (official: no re-draw after loading). Returns torch's load result."""
     state = models_simmim.finetune_state_dict(checkpoint_model, model)
     discarded = {k: None for k in _encoder_keys(checkpoint_model) if k not in state}  # what the check sees
-    try:
-        check_state_dict_compat(model, {**discarded, **state}, allowed_missing=("head.*", "fc_norm.*"),
-                                allowed_unexpected=SIMMIM_UNUSED_CHECKPOINT_KEYS)
-    except ValueError as e:
-        raise ValueError(f"--finetune {path} does not fit the {type(model).__name__}: {e}"
-                         f"{_method_hint(checkpoint_model, simmim_model=True)}") from e
-    msg = model.load_state_dict(state, strict=False)
-    print(f"Missing keys (trained from scratch): {msg.missing_keys}")
-    print(f"Unused checkpoint keys: {msg.unexpected_keys}")
-    return msg
+    return _check_and_load(model, state, {**discarded, **state}, path, _method_hint(checkpoint_model, True),
+                           allowed_missing=("head.*", "fc_norm.*"), allowed_unexpected=SIMMIM_UNUSED_CHECKPOINT_KEYS)
