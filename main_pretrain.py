@@ -22,7 +22,6 @@ events to --log_dir (default: --output_dir).
 """
 import os
 
-import numpy as np
 import timm.optim
 import torch
 
@@ -36,10 +35,10 @@ from util.datasets import (build_dataset, build_eval_transform, build_pretrain_t
 from util.dist import is_main_process, wrap_model
 from util.knn import KNNMonitor
 from util.lr_decay import simmim_param_groups
-from util.masking import MaskGenerator, build_simmim_transform
+from util.masking import build_simmim_transform
 from util.models import build_pretrain_model, is_simmim, model_patch_size
 from util.precision import NativeScalerWithGradNormCount, fast_adamw_kwargs
-from util.visualize import round_robin_indices, save_reconstructions
+from util.visualize import fixed_masking, round_robin_indices, save_reconstructions
 
 
 def get_args_parser(add_help=False):
@@ -112,20 +111,6 @@ def load_vis_images(dataset, args):
     return torch.stack([load_and_transform(dataset.samples[i][0], transform) for i in indices])
 
 
-def fixed_vis_masking(model_without_ddp, args, n):
-    """(masking, noise) of the n images of the reconstruction grids, the same at every epoch and
-    drawn without touching the training RNGs. MAE: (--mask_ratio, noise (n, L) from a torch
-    Generator seeded with --seed); SimMIM: (masks (n, H/p, W/p) from util.masking.MaskGenerator
-    with a numpy Generator seeded with --seed, None)."""
-    if is_simmim(args.model):
-        generator = MaskGenerator(args.input_size, args.mask_patch_size, model_without_ddp.patch_size,
-                                  args.mask_ratio)
-        rng = np.random.default_rng(args.seed)
-        return torch.from_numpy(np.stack([generator(rng) for _ in range(n)])), None
-    generator = torch.Generator().manual_seed(args.seed)
-    return args.mask_ratio, torch.rand(n, model_without_ddp.patch_embed.num_patches, generator=generator)
-
-
 def main(args):
     resolve_pretrain_defaults(args)  # --mask_ratio, --clip_grad, --lr_schedule: --model's defaults
     device = misc.init_run(args)
@@ -154,7 +139,8 @@ def main(args):
     vis_images = vis_masking = vis_noise = None
     if is_main_process() and args.output_dir and args.vis_freq > 0:
         vis_images = load_vis_images(dataset_train, args)  # (n, 3, H, W)
-        vis_masking, vis_noise = fixed_vis_masking(model_without_ddp, args, vis_images.shape[0])  # every epoch the same
+        vis_masking, vis_noise = fixed_masking(model_without_ddp, vis_images.shape[0], args.seed, args.mask_ratio,
+                                               args.mask_patch_size)  # every epoch the same
 
     # start_iter > 0 only for an epoch resumed mid-way; the sampler skips the samples it saw
     for epoch, start_iter in misc.epochs_to_train(args, start, sampler_train, log_writer):

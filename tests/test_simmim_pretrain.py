@@ -344,15 +344,17 @@ def test_reconstruction_tiles_of_a_simmim():
 
 
 def test_fixed_vis_masking(make_args):
-    """SimMIM: the same masks at every call, from a numpy Generator seeded with --seed; MAE: its
-    mask ratio and the noise of a torch Generator seeded with --seed, as before."""
+    """The masks of the pretraining grids (util.visualize.fixed_masking, as main_pretrain calls it):
+    SimMIM: the same masks at every call, from a numpy Generator seeded with --seed; MAE: its mask
+    ratio and the noise of a torch Generator seeded with --seed, as before."""
     args = make_args("pretrain", *TINY)
     model = tiny_simmim()
-    masks, noise = main_pretrain.fixed_vis_masking(model, args, 5)
+    masks, noise = visualize.fixed_masking(model, 5, args.seed, args.mask_ratio, args.mask_patch_size)
     assert noise is None and masks.shape == (5, 4, 4) and (masks.sum((1, 2)) == 12).all()
-    assert torch.equal(masks, main_pretrain.fixed_vis_masking(model, args, 5)[0])
+    assert torch.equal(masks, visualize.fixed_masking(model, 5, args.seed, args.mask_ratio, args.mask_patch_size)[0])
+    assert not torch.equal(masks, visualize.fixed_masking(model, 5, 1, args.mask_ratio, args.mask_patch_size)[0])
     mae_args = make_args("pretrain", "--model", "mae_vit_tiny_patch16", "--input_size", 32, "--patch_size", 16)
-    ratio, noise = main_pretrain.fixed_vis_masking(build_pretrain_model(mae_args), mae_args, 3)
+    ratio, noise = visualize.fixed_masking(build_pretrain_model(mae_args), 3, mae_args.seed, mae_args.mask_ratio)
     assert ratio == 0.75 and torch.equal(noise, torch.rand(3, 4, generator=torch.Generator().manual_seed(0)))
 
 

@@ -1,8 +1,9 @@
 """Reconstruction grids (util/visualize.py) and the visualize command (main_visualize.py): the
 tiles' content, the readable layout (titles, upscaled tiles, gaps), images picked round-robin over
-the classes, the model inferred from a checkpoint without args, and where the PNG goes.
+the classes, the model inferred from a checkpoint without args, and where the PNG goes; the same
+for SimMIM checkpoints (this repo's and the official layout), whose masks are seeded blocks.
 
-All in-process on tiny models and 32 px toy images.
+All in-process on tiny models and 32-64 px toy images.
 """
 import argparse
 import os
@@ -16,9 +17,11 @@ from PIL import Image
 import main_pretrain
 import main_visualize
 import models_mae
+import models_simmim
 from models_mae import MaskedAutoencoderViT
 from util import visualize
 from util.datasets import ImageFolderDataset, build_eval_transform, load_and_transform
+from util.masking import MaskGenerator
 
 IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 
@@ -290,3 +293,163 @@ def test_default_output_is_beside_the_checkpoint():
     assert main_visualize.default_out("mae_visualize_vit_large.pth") == "reconstructions-mae_visualize_vit_large.png"
     url = "https://dl.fbaipublicfiles.com/mae/visualize/mae_visualize_vit_large.pth"
     assert main_visualize.default_out(url) == "reconstructions-mae_visualize_vit_large.png"  # the current folder
+
+
+# ---------------------------------------------------------------------------------------------
+# main_visualize.py for SimMIM checkpoints: this repo's (with args) and the official layout
+# ---------------------------------------------------------------------------------------------
+
+def save_simmim_checkpoint(path, simmim, **args):
+    """A SimMIM checkpoint as main_pretrain.py writes it ({'model', 'args', 'epoch'}), or, without
+    keyword arguments, as the official files: {'model': state_dict in the official names}."""
+    checkpoint = {"model": models_simmim.to_official(simmim.state_dict())}
+    if args:
+        checkpoint.update(args=argparse.Namespace(**args), epoch=0)
+    torch.save(checkpoint, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def simmim_vit(tmp_path_factory):
+    """(path, model): simmim_vit_tiny_patch16 at 64 px (4 x 4 patches of 16 px, 2 x 2 mask blocks
+    of 32 px) in a checkpoint with args; its mask ratio 0.5 (2 of the 4 blocks), not the default."""
+    torch.manual_seed(0)
+    model = models_simmim.simmim_vit_tiny_patch16(img_size=64)
+    path = save_simmim_checkpoint(tmp_path_factory.mktemp("simmim") / "checkpoint-0.pth", model,
+                                  model="simmim_vit_tiny_patch16", input_size=64, patch_size=None,
+                                  mask_patch_size=32, mask_ratio=0.5, seed=0)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def simmim_swin():
+    """simmim_swin_tiny_patch4_window4_64 at its default size (64 px, patch 4): an official-layout
+    checkpoint of it is inferred."""
+    torch.manual_seed(1)
+    return models_simmim.simmim_swin_tiny_patch4_window4_64()
+
+
+def vis_images(toy_data, n, size=64):
+    """The n images main_visualize draws from the toy train folder at size px."""
+    train = os.path.join(toy_data(train_per_class=4, val_per_class=1, size=32), "train")
+    return train, main_visualize.load_images(main_visualize.list_images(train, n), size)
+
+
+def test_simmim_checkpoint_with_args_draws_masked_reconstruction_and_pasted(simmim_vit, toy_data, tmp_path,
+                                                                            capsys):
+    path, model = simmim_vit
+    train, imgs = vis_images(toy_data, 3)  # (3, 3, 64, 64)
+    out = str(tmp_path / "grid.png")
+    grid = main_visualize.main(["--checkpoint", path, "--data_path", train, "--out", out, "--num_images", "3",
+                                "--device", "cpu"])
+    assert "Loaded simmim_vit_tiny_patch16 (input 64, masks of 32 px blocks, ratio 0.5)" in capsys.readouterr().out
+    assert grid.shape == grid_shape(3, 64)  # 3 rows x 4 columns
+    with Image.open(out) as im:
+        assert torch.equal(torch.from_numpy(np.array(im)).permute(2, 0, 1), grid)
+
+    # the masks: the checkpoint's ratio and block size, those of the pretraining grids of seed 0
+    masks, noise = visualize.fixed_masking(model, 3, 0, 0.5, 32)  # (3, 4, 4)
+    assert noise is None and masks.shape == (3, 4, 4)
+    assert (masks.sum((1, 2)) == 2 * 4).all()  # 2 of the 4 blocks of 2 x 2 patches
+    assert torch.equal(masks, masks[:, ::2, ::2].repeat_interleave(2, 1).repeat_interleave(2, 2))  # blocks
+
+    tiles = visualize.reconstruction_tiles(model, imgs, masks)  # (3, 4, 3, 64, 64)
+    assert torch.equal(grid, visualize.draw_grid(tiles))  # the grid is these tiles: same weights, masks
+    for r in range(3):
+        removed = masks[r].bool().repeat_interleave(16, 0).repeat_interleave(16, 1)  # (64, 64)
+        original, masked, recon, pasted = tiles[r]
+        assert torch.equal(original, visualize.denormalize(imgs[r:r + 1])[0])
+        assert (masked[:, removed] == 128).all()  # grey exactly where the mask is 1
+        assert torch.equal(masked[:, ~removed], original[:, ~removed])
+        assert torch.equal(pasted[:, ~removed], original[:, ~removed])  # the original where it is 0
+        assert torch.equal(pasted[:, removed], recon[:, removed])
+        assert (recon[:, ~removed] != original[:, ~removed]).any()  # recon is the model's, not a copy
+
+
+def test_simmim_grid_is_a_function_of_the_seed(simmim_vit, toy_data, tmp_path):
+    path, _ = simmim_vit
+    train, _ = vis_images(toy_data, 2)
+
+    def grid(seed, name):
+        return main_visualize.main(["--checkpoint", path, "--data_path", train, "--out", str(tmp_path / name),
+                                    "--num_images", "2", "--device", "cpu", "--seed", str(seed)])
+    first = grid(0, "a.png")
+    assert torch.equal(grid(0, "b.png"), first)
+    assert not torch.equal(grid(1, "c.png"), first)
+
+
+def test_official_simmim_checkpoint_gets_its_factory_inferred(simmim_swin, toy_data, tmp_path, capsys):
+    path = save_simmim_checkpoint(tmp_path / "simmim_pretrain_tiny.pth", simmim_swin)  # no args
+    train, imgs = vis_images(toy_data, 2)
+    capsys.readouterr()
+    grid = main_visualize.main(["--checkpoint", path, "--data_path", train, "--num_images", "2", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "inferred from its weights: models_simmim.simmim_swin_tiny_patch4_window4_64 at 64 px, patch 4" in out
+    assert "masks of 32 px blocks, ratio 0.6" in out  # the defaults: not in the weights
+
+    generator = MaskGenerator(64, 32, 4, 0.6)
+    rng = np.random.default_rng(0)  # --seed 0
+    masks = torch.from_numpy(np.stack([generator(rng) for _ in range(2)]))  # (2, 16, 16)
+    assert torch.equal(grid, visualize.reconstruction_grid(simmim_swin, imgs, masks))
+    assert (tmp_path / "reconstructions-simmim_pretrain_tiny.png").exists()  # beside the checkpoint
+
+
+@pytest.mark.parametrize("name", [  # each Swin built twice on the meta device: seconds
+    "simmim_vit_base_patch16", pytest.param("simmim_swin_base_patch4_window6_192", marks=pytest.mark.slow),
+    pytest.param("simmim_swin_large_patch4_window12_192", marks=pytest.mark.slow)])
+def test_infer_simmim_names_the_factory_of_an_official_layout(name):
+    with torch.device("meta"):  # shapes only: no memory
+        reference = getattr(models_simmim, name)()
+    official = models_simmim.to_official(reference.state_dict())
+    assert main_visualize.infer_simmim({"model": official}) == name  # a whole file's dict too
+    assert main_visualize.infer_simmim({f"module.{k}": v for k, v in official.items()}) == name  # DDP-saved
+    official.pop("encoder.norm.weight")
+    assert main_visualize.infer_simmim(official) is None
+    with torch.device("meta"):
+        mae = models_mae.mae_vit_base_patch16(depth=1, decoder_depth=1)
+    assert main_visualize.infer_simmim(mae.state_dict()) is None
+
+
+@pytest.mark.parametrize("with_args", [True, False])
+def test_simmim_without_decoder_is_a_one_line_error(with_args, simmim_vit, simmim_swin, tmp_path, cli):
+    if with_args:  # this repo's, the decoder removed
+        checkpoint = torch.load(simmim_vit[0], weights_only=False)
+    else:  # the official layout, the decoder removed
+        checkpoint = {"model": models_simmim.to_official(simmim_swin.state_dict())}
+    checkpoint["model"] = {k: v for k, v in checkpoint["model"].items() if not k.startswith("decoder.")}
+    path = tmp_path / "encoder_only.pth"
+    torch.save(checkpoint, path)
+    status, output = cli("main_visualize.py", "--checkpoint", path, "--data_path", tmp_path, "--device", "cpu")
+    assert status == 1 and "Traceback" not in output
+    (line,) = output.strip().splitlines()
+    assert line.startswith("ERROR: ") and "need a checkpoint with the decoder" in line and "decoder.0." in line
+    assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("name", ["beit_vit_tiny_patch16", "vit_base_patch16", "swin_tiny_patch4_window4_64"])
+def test_classifier_checkpoint_is_refused(name, tmp_path, cli):
+    """A finetuning / linear probing checkpoint: its args name a classifier; no model is built."""
+    path = tmp_path / "checkpoint-best.pth"
+    torch.save({"model": {"head.weight": torch.zeros(10, 4)}, "args": argparse.Namespace(model=name)}, path)
+    status, output = cli("main_visualize.py", "--checkpoint", path, "--data_path", tmp_path)
+    assert status == 1 and "Traceback" not in output
+    (line,) = output.strip().splitlines()
+    assert line.startswith("ERROR: ") and f"holds a {name} classifier" in line and "pretraining checkpoint" in line
+
+
+def test_input_size_not_made_of_mask_blocks_is_a_clear_error(tmp_path, toy_data, cli):
+    torch.manual_seed(0)
+    model = models_simmim.simmim_vit_tiny_patch16(img_size=48)  # as main_pretrain builds it
+    path = save_simmim_checkpoint(tmp_path / "checkpoint-48.pth", model, model="simmim_vit_tiny_patch16",
+                                  input_size=48, patch_size=None)  # no mask_patch_size: 32 by default
+    train, _ = vis_images(toy_data, 1, 48)
+    status, output = cli("main_visualize.py", "--checkpoint", path, "--data_path", train, "--num_images", 1,
+                         "--device", "cpu", "--out", tmp_path / "x.png")
+    assert status == 1 and "Traceback" not in output
+    line = output.strip().splitlines()[-1]
+    assert line.startswith("ERROR: ") and "48 is not divisible by the mask patch size 32" in line
+    assert "--mask_patch_size" in line and not (tmp_path / "x.png").exists()
+
+    status, output = cli("main_visualize.py", "--checkpoint", path, "--data_path", train, "--num_images", 1,
+                         "--device", "cpu", "--out", tmp_path / "x.png", "--mask_patch_size", 16)
+    assert status == 0 and (tmp_path / "x.png").exists()

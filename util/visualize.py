@@ -15,6 +15,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+import models_simmim
+from util.masking import MaskGenerator
+
 GREY = 0.5  # pixel value (in [0, 1]) painted over the removed patches of the masked input
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
 MIN_TILE = 96  # px: tiles are upscaled by the smallest integer factor that reaches this
@@ -95,6 +98,20 @@ def reconstruction_tiles(model, imgs, mask_ratio=0.75, noise=None,
     pasted = model.unpatchify(torch.where(removed, pred, target), grid_size)
     columns = torch.stack([imgs, masked, recon, pasted], dim=1)  # (N, 4, C, H, W)
     return denormalize(columns.flatten(0, 1), mean, std).unflatten(0, columns.shape[:2]).cpu()
+
+
+def fixed_masking(model, n, seed, mask_ratio, mask_patch_size=32):
+    """(masking, noise) of reconstruction_tiles for n images, a function of seed alone (the training
+    RNGs are not touched), so that a grid shows the same masks at every epoch and on every call.
+    MAE: (mask_ratio, noise (n, L) from a torch Generator seeded with seed); SimMIM: (masks (n, H/p,
+    W/p) of util.masking.MaskGenerator's blocks of mask_patch_size px, from a numpy Generator seeded
+    with seed, None)."""
+    if isinstance(model, models_simmim.SimMIM):
+        generator = MaskGenerator(model.encoder.patch_embed.img_size, mask_patch_size, model.patch_size, mask_ratio)
+        rng = np.random.default_rng(seed)
+        return torch.from_numpy(np.stack([generator(rng) for _ in range(n)])), None
+    generator = torch.Generator().manual_seed(seed)
+    return mask_ratio, torch.rand(n, model.patch_embed.num_patches, generator=generator)
 
 
 def simmim_tiles(imgs, recon, mask, patch_size, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
