@@ -1,4 +1,4 @@
-"""Training-speed benchmark for MAE: this implementation against the original release's way.
+"""Training-speed benchmark for MAE and SimMIM: this implementation against the original releases' way.
 
 Each mode is one row of the table, measured in the same process on the same machine:
 
@@ -15,6 +15,19 @@ Each mode is one row of the table, measured in the same process on the same mach
   finetune           the models_vit counterpart (global pool, layer-wise lr decay groups, label
                      smoothing CE on random labels) with the fast settings.
   finetune_baseline  the same classifier trained the original's way.
+  simmim_vit         SimMIM pretraining (models_simmim) of --simmim_vit_model at --input_size, as
+                     main_pretrain trains it: the encoder on every patch, masks of
+                     util.masking.MaskGenerator (ratio 0.6, blocks of --mask_patch_size px, 32 by
+                     default), AdamW (0.9, 0.999) in simmim_param_groups, clip 5.0, fast settings.
+  simmim_swin        the same with --simmim_swin_model at its own image size (or
+                     --simmim_input_size). main_pretrain's Swin computes window attention
+                     explicitly (timm's default), so this row's attention column says so.
+  simmim_*_baseline  the official SimMIM's way (microsoft/SimMIM, timm 0.3/0.4 era): apex AMP O1,
+                     i.e. fp16 + dynamic loss scale (GradScaler here; fp32 on the CPU), explicit
+                     attention (BEiT / Swin V1 code), single-tensor AdamW, clip 5.0, a host read
+                     of the loss and torch.cuda.synchronize() every step (assumed the same as
+                     MAE's baseline step; the official reads loss.item() after the synchronize,
+                     MAE's between forward and backward: one host read per step either way).
 
 Inputs are synthetic tensors already on the device (model-bound). With --data_path (an
 ImageFolder root: <data_path>/train/<class>/<image>, as --make_jpegs writes), the pretraining
@@ -33,6 +46,7 @@ reset before it). On the CPU it is the process's max resident set so far
 before it in the same process, and DataLoader worker processes are not counted.
 
   python benchmark.py --model mae_vit_large_patch16 --batch_size 64 --modes fast,baseline,all_tokens
+  python benchmark.py --modes fast,baseline,simmim_vit,simmim_vit_baseline,simmim_swin,simmim_swin_baseline
   python benchmark.py --make_jpegs /tmp/jpegs --n 256 --size 500x375
   python benchmark.py --device cpu --modes fast --data_path /tmp/jpegs --num_workers 2
 """
@@ -56,22 +70,27 @@ import torch.nn as nn
 from PIL import Image
 
 import models_mae
+import models_simmim
 import models_vit
 from util.args import HelpFormatter, add_loader_args
 from util.datasets import (PretrainTransform, benchmark_transform, build_dataset, build_pretrain_transform,
                            build_train_loader)
-from util.lr_decay import param_groups_lrd
-from util.models import model_from_name
+from util.lr_decay import param_groups_lrd, simmim_param_groups
+from util.masking import MaskGenerator
+from util.models import SIMMIM_PREFIX, model_from_name
 from util.precision import NativeScalerWithGradNormCount, autocast, fast_adamw_kwargs, resolve_precision
 
-ALL_MODES = ("fast", "baseline", "all_tokens", "finetune", "finetune_baseline")
+ALL_MODES = ("fast", "baseline", "all_tokens", "finetune", "finetune_baseline",
+             "simmim_vit", "simmim_vit_baseline", "simmim_swin", "simmim_swin_baseline")
+SIMMIM_MASK_RATIO = 0.6  # SimMIM's recipes (the compute does not depend on it: every patch is encoded)
+SIMMIM_CLIP_GRAD = 5.0  # main_pretrain's default for SimMIM, and the official TRAIN.CLIP_GRAD
 
 
 # ---------------------------------------------------------------------------------------------
 # Analytic FLOPs
 # ---------------------------------------------------------------------------------------------
 
-def block_flops(tokens, dim, mlp_ratio=4.0):
+def block_flops(tokens, dim, mlp_ratio=4.0, window_tokens=None):
     """Forward FLOPs of one pre-norm transformer block on `tokens` tokens of width `dim`.
 
     Matrix products only, 2 FLOPs per multiply-accumulate:
@@ -79,10 +98,12 @@ def block_flops(tokens, dim, mlp_ratio=4.0):
       q k^T and attn v                           ->  2 * 2*T*T*D
     (= 2*T*(3D*D + D*D + 8D*D) + 4*T*T*D for mlp_ratio 4). LayerNorm, softmax, GELU and
     residual adds are not counted.
+    window_tokens T_w (Swin): each token attends within its window of T_w tokens, so the
+    attention is 2 * 2*T*T_w*D (= 2*2*T_w*T_w*D per window, summed over the T / T_w windows).
     """
     hidden = int(dim * mlp_ratio)
     linear = 2 * tokens * (4 * dim * dim + 2 * dim * hidden)
-    attention = 2 * 2 * tokens * tokens * dim
+    attention = 2 * 2 * tokens * (window_tokens or tokens) * dim
     return linear + attention
 
 
@@ -117,8 +138,63 @@ def vit_forward_flops(num_patches, patch_dim, embed_dim, depth, num_classes, mlp
     return flops
 
 
+def simmim_vit_forward_flops(num_patches, patch_dim, embed_dim, depth, mlp_ratio=4.0):
+    """Forward FLOPs of SimMIM with the ViT encoder for ONE image (training step = 3x this).
+
+    Every patch is encoded (L of them, p*p*C values each, stride s = p):
+      patch embed  2 * L * (p*p*C) * D
+      encoder      depth x block(1 + L, D)
+      decoder      2 * L * D * (p*p*C)         (the 1x1 conv to s*s*C channels on the L cells)
+    Not counted (as block_flops): the mask-token blend, the shared relative position bias
+    (gather and add), layer scale, LayerNorms, softmax, GELU, PixelShuffle and the L1 loss.
+    """
+    L = num_patches
+    flops = 2 * L * patch_dim * embed_dim
+    flops += depth * block_flops(1 + L, embed_dim, mlp_ratio)
+    flops += 2 * L * embed_dim * patch_dim
+    return flops
+
+
+def swin_forward_flops(img_size, patch_size, embed_dim, depths, windows, mlp_ratio=4.0, in_chans=3):
+    """Forward FLOPs of SimMIM with the Swin encoder for ONE square image (training = 3x this).
+
+    windows: each stage's window side as the blocks use it (clipped to the stage resolution:
+    Swin-B at 192 px 6, 6, 6, 6; Swin-L 12, 12, 12, 6). With H x W tokens of width C in a stage:
+      patch embed     2 * (H*W) * (p*p*C_in) * embed_dim
+      each block      block(H*W, C, window_tokens=w*w): qkv / proj / mlp on every token, the
+                      attention 2*2*T_w*T_w*C per window (summed over the H*W / T_w windows)
+      patch merging   2 * (H*W / 4) * 4C * 2C      (after every stage but the last)
+      decoder         2 * (H*W) * F * (s*s*C_in)   (the 1x1 conv on the final H/32 x W/32 map,
+                                                    F its width, stride s = p * 2^(stages-1))
+    Not counted: the relative position bias (gather and add), the shift mask add, the rolls,
+    the mask-token blend, LayerNorms, softmax, GELU, PixelShuffle and the L1 loss. Stage
+    resolutions are taken as divisible by their window (every factory's are; timm would pad).
+    """
+    H = W = img_size // patch_size
+    C = embed_dim
+    flops = 2 * H * W * patch_size * patch_size * in_chans * C
+    for stage, (depth, window) in enumerate(zip(depths, windows)):
+        flops += depth * block_flops(H * W, C, mlp_ratio, window_tokens=window * window)
+        if stage < len(depths) - 1:
+            flops += 2 * (H * W // 4) * (4 * C) * (2 * C)
+            H, W, C = H // 2, W // 2, 2 * C
+    stride = patch_size * 2 ** (len(depths) - 1)
+    flops += 2 * H * W * C * stride * stride * in_chans
+    return flops
+
+
+def _swin_dims(encoder):
+    """swin_forward_flops' arguments read off a models_swin encoder."""
+    block = encoder.layers[0].blocks[0]
+    return dict(img_size=encoder.patch_embed.img_size[0], patch_size=encoder.patch_size,
+                embed_dim=encoder.embed_dim, depths=[len(layer.blocks) for layer in encoder.layers],
+                windows=[layer.blocks[0].window_size[0] for layer in encoder.layers],
+                mlp_ratio=block.mlp.fc1.out_features / encoder.embed_dim,
+                in_chans=encoder.patch_embed.proj.in_channels)
+
+
 def _encoder_dims(model):
-    """(L, p*p*C, D, depth, mlp_ratio) read off a MAE or ViT model."""
+    """(L, p*p*C, D, depth, mlp_ratio) read off a MAE, ViT or SimMIM ViT encoder."""
     pe = model.patch_embed
     L = pe.num_patches
     patch_dim = pe.proj.in_channels * pe.patch_size[0] * pe.patch_size[1]
@@ -132,6 +208,10 @@ def train_flops_per_image(model, mode, mask_ratio):
     if mode.startswith("finetune"):
         L, patch_dim, D, depth, mlp_ratio = _encoder_dims(model)
         return 3 * vit_forward_flops(L, patch_dim, D, depth, model.head.out_features, mlp_ratio)
+    if mode.startswith("simmim_vit"):
+        return 3 * simmim_vit_forward_flops(*_encoder_dims(model.encoder))
+    if mode.startswith("simmim_swin"):
+        return 3 * swin_forward_flops(**_swin_dims(model.encoder))
     mae = model.mae if isinstance(model, AllTokensMAE) else model
     L, patch_dim, D, depth, mlp_ratio = _encoder_dims(mae)
     return 3 * mae_forward_flops(L, patch_dim, D, depth, mae.decoder_embed.out_features,
@@ -210,19 +290,63 @@ def build_mae(args):
     return model_from_name(models_mae, args.model, "mae_vit_", **_factory_kwargs(args, args.model_kwargs))
 
 
+def _encoder_kwargs(args):
+    """--model_kwargs without the decoder's and the loss's keys (those of the encoder)."""
+    return {k: v for k, v in args.model_kwargs.items() if not k.startswith("decoder") and k != "norm_pix_loss"}
+
+
 def build_vit(args):
     """The models_vit counterpart of --model (see vit_name), global pool, --num_classes,
     --drop_path; --model_kwargs without the decoder's and the loss's keys."""
-    kwargs = {k: v for k, v in args.model_kwargs.items()
-              if not k.startswith("decoder") and k != "norm_pix_loss"}
     return model_from_name(models_vit, vit_name(args.model), "vit_", num_classes=args.num_classes,
-                           global_pool=True, drop_path_rate=args.drop_path, **_factory_kwargs(args, kwargs))
+                           global_pool=True, drop_path_rate=args.drop_path,
+                           **_factory_kwargs(args, _encoder_kwargs(args)))
+
+
+def simmim_name(args, family):
+    """The models_simmim factory of a SimMIM mode, family 'vit' or 'swin': --simmim_vit_model
+    (default: simmim_<vit_name(--model)>, the ViT of --model's size) or --simmim_swin_model. A name
+    that is not a simmim_<family>_* factory raises a ValueError naming the flag and the choices."""
+    flag = f"simmim_{family}_model"
+    name = getattr(args, flag) or SIMMIM_PREFIX + vit_name(args.model)  # only the ViT's can be None
+    choices = sorted(n for n in vars(models_simmim) if n.startswith(f"{SIMMIM_PREFIX}{family}_"))
+    if name not in choices:
+        why = f" (from --model {args.model})" if getattr(args, flag) is None else ""
+        raise ValueError(f"unknown --{flag} {name!r}{why}; choose one of: {', '.join(choices)}")
+    return name
+
+
+def build_simmim(args, family):
+    """models_simmim.<simmim_name(args, family)>, with main_pretrain's factory defaults (drop path
+    0.1 ViT, 0 Swin). The ViT: at --input_size and --patch_size with the encoder's --model_kwargs
+    (the encoder of --model, so that simmim_vit and fast compare one encoder); the Swin: at
+    --simmim_input_size, else the factory's own size (192 for Swin-B / L)."""
+    name = simmim_name(args, family)
+    if family == "vit":
+        return model_from_name(models_simmim, name, SIMMIM_PREFIX, **_factory_kwargs(args, _encoder_kwargs(args)))
+    return model_from_name(models_simmim, name, SIMMIM_PREFIX, img_size=args.simmim_input_size)
+
+
+def simmim_masks(args, model, device):
+    """One batch of SimMIM masks (N, H/p, W/p) int64 on the device: MaskGenerator(the model's input
+    size, --mask_patch_size or 32, the model's patch size, 0.6), from a numpy Generator seeded with
+    --seed. A size the blocks do not divide: a ValueError that names --mask_patch_size."""
+    size = model.encoder.patch_embed.img_size  # (H, W)
+    try:
+        generator = MaskGenerator(size, args.mask_patch_size or 32, model.patch_size, SIMMIM_MASK_RATIO)
+    except ValueError as error:
+        raise ValueError(f"{error}: pass --mask_patch_size (a divisor of the input size and a multiple of "
+                         f"the patch size {model.patch_size})") from error
+    rng = np.random.default_rng(args.seed)
+    return torch.from_numpy(np.stack([generator(rng) for _ in range(args.batch_size)])).to(device)
 
 
 def build_model(args, mode):
     """The module trained in `mode` (not compiled)."""
     if mode.startswith("finetune"):
         model = build_vit(args)
+    elif mode.startswith("simmim_"):
+        model = build_simmim(args, mode.split("_")[1])
     elif mode == "all_tokens":
         model = AllTokensMAE(build_mae(args))
     else:
@@ -241,6 +365,9 @@ def build_optimizer(model, mode, device):
     if mode.startswith("finetune"):
         groups = param_groups_lrd(model, 0.05, model.no_weight_decay(), layer_decay=0.75)
         betas = (0.9, 0.999)
+    elif mode.startswith("simmim_"):
+        groups = simmim_param_groups(model, 0.05)
+        betas = (0.9, 0.999)
     else:
         groups = timm.optim.param_groups_weight_decay(model, 0.05)
         betas = (0.9, 0.95)
@@ -249,15 +376,18 @@ def build_optimizer(model, mode, device):
 
 
 def make_loss_fn(model, mode, args):
-    """(imgs, targets) -> scalar loss for the mode's task."""
+    """(imgs, targets) -> scalar loss for the mode's task (SimMIM: targets are the masks)."""
     if mode.startswith("finetune"):
         criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
         return lambda imgs, targets: criterion(model(imgs), targets)
+    if mode.startswith("simmim_"):
+        return lambda imgs, masks: model(imgs, masks)[0]
     return lambda imgs, targets: model(imgs, mask_ratio=args.mask_ratio)[0]
 
 
-def make_step(loss_fn, optimizer, precision, device, baseline=False):
-    """One training step as main_pretrain runs it: no host-device sync inside. With baseline=True,
+def make_step(loss_fn, optimizer, precision, device, baseline=False, clip_grad=None):
+    """One training step as main_pretrain runs it: no host-device sync inside; gradients clipped
+    to clip_grad (None: not clipped, the norm still computed, as the engine). With baseline=True,
     as the original engine_pretrain / engine_finetune ran it: loss.item() between forward and
     backward (a host sync), gradients zeroed in place (torch 1.8's default: a memset of every
     grad) and torch.cuda.synchronize() after the step."""
@@ -271,7 +401,7 @@ def make_step(loss_fn, optimizer, precision, device, baseline=False):
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise RuntimeError(f"Loss is {loss_value}, stopping training")
-        scaler(loss, optimizer, parameters=params)  # backward, grad norm, step
+        scaler(loss, optimizer, clip_grad=clip_grad, parameters=params)  # backward, grad norm, step
         optimizer.zero_grad(set_to_none=not baseline)
         if baseline:
             synchronize(device)
@@ -340,24 +470,25 @@ def run_mode(args, mode, device, batches=None):
 def time_mode(args, mode, device, batches):
     baseline = mode.endswith("baseline")
     precision = baseline_precision(device) if baseline else args.precision
+    simmim = mode.startswith("simmim_")
     model = build_model(args, mode).to(device)
     model.train()
     optimizer = build_optimizer(model, mode, device)
     flops_per_image = train_flops_per_image(model, mode, args.mask_ratio)
-    compiled = args.compile and not baseline
-    if compiled:
-        model = torch.compile(model)
-    loss_fn = make_loss_fn(model, mode, args)
-    step = make_step(loss_fn, optimizer, precision, device, baseline=baseline)
-
+    attention = attention_kind(model)
     if batches is None:
-        imgs = torch.randn(args.batch_size, 3, *args.input_hw, device=device)
-        targets = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-        next_batch = lambda: (imgs, targets)  # noqa: E731
+        batch = synthetic_batch(args, mode, model, device)
+        next_batch = lambda: batch  # noqa: E731
     else:
         def next_batch():
             imgs, targets = next(batches)
             return imgs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    compiled = args.compile and not baseline
+    if compiled:
+        model = torch.compile(model)
+    loss_fn = make_loss_fn(model, mode, args)
+    step = make_step(loss_fn, optimizer, precision, device, baseline=baseline,
+                     clip_grad=SIMMIM_CLIP_GRAD if simmim else None)
 
     t0 = time.perf_counter()
     for _ in range(args.warmup):
@@ -375,9 +506,8 @@ def time_mode(args, mode, device, batches):
     step_s = statistics.median(durations)
     return dict(
         mode=mode + ("+data" if batches is not None else ""),
-        model=vit_name(args.model) if mode.startswith("finetune") else args.model,
-        batch=args.batch_size, precision=precision, compile=compiled,
-        attention="explicit" if baseline else "sdpa",
+        model=mode_model_name(args, mode), batch=args.batch_size, precision=precision, compile=compiled,
+        attention=attention,
         images_per_s=args.batch_size / step_s, step_ms=step_s * 1e3,
         train_gflops_per_image=flops_per_image / 1e9,
         tflops=flops_per_image * args.batch_size / step_s / 1e12,
@@ -389,16 +519,52 @@ def time_mode(args, mode, device, batches):
     )
 
 
+def synthetic_batch(args, mode, model, device):
+    """The one batch a model-bound mode trains on, on the device: (imgs (N, 3, H, W) standard
+    normal, targets). MAE / finetune: --input_size images and random labels; SimMIM: images at the
+    model's input size and the masks of simmim_masks as the targets."""
+    if mode.startswith("simmim_"):
+        imgs = torch.randn(args.batch_size, 3, *model.encoder.patch_embed.img_size, device=device)
+        return imgs, simmim_masks(args, model, device)
+    imgs = torch.randn(args.batch_size, 3, *args.input_hw, device=device)
+    return imgs, torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+
+
+def attention_kind(model):
+    """'sdpa' when every attention module of model is fused, 'explicit' when none is (the
+    baselines; also main_pretrain's Swin: timm's WindowAttention is explicit by default)."""
+    fused = {bool(m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")}
+    if fused == {True}:
+        return "sdpa"
+    return "explicit" if fused == {False} else "mixed"
+
+
+def mode_model_name(args, mode):
+    """The factory name a mode trains: --model, its models_vit counterpart, or the SimMIM model."""
+    if mode.startswith("finetune"):
+        return vit_name(args.model)
+    if mode.startswith("simmim_"):
+        return simmim_name(args, mode.split("_")[1])
+    return args.model
+
+
 def baseline_precision(device):
     """The original trained with fp16 autocast + GradScaler on GPUs; on the CPU it is fp32."""
     return "fp16" if device.type == "cuda" else "fp32"
+
+
+def baseline_of(mode):
+    """The baseline row of a mode's task: 'baseline' for MAE pretraining (fast, all_tokens),
+    else <task>_baseline (finetune_baseline, simmim_vit_baseline, simmim_swin_baseline)."""
+    task = mode.removesuffix("+data").removesuffix("_baseline")
+    return "baseline" if task in ("fast", "baseline", "all_tokens") else task + "_baseline"
 
 
 def add_speedups(rows):
     """speedup = baseline step time / row step time, against the baseline of the same task."""
     base = {r["mode"]: r["step_ms"] for r in rows if r["mode"].endswith("baseline")}
     for r in rows:
-        ref = base.get("finetune_baseline" if r["mode"].startswith("finetune") else "baseline")
+        ref = base.get(baseline_of(r["mode"]))
         model_bound = not r["mode"].endswith("+data")
         r["speedup_vs_baseline"] = ref / r["step_ms"] if ref and model_bound else None
 
@@ -557,7 +723,16 @@ def get_args_parser():
     p.add_argument("--patch_size", default=None, type=int, help="override the model's patch size")
     p.add_argument("--model_kwargs", default={}, type=json.loads,
                    help='JSON overrides for the model factory, e.g. \'{"depth": 2}\'')
-    p.add_argument("--mask_ratio", default=0.75, type=float)
+    p.add_argument("--mask_ratio", default=0.75, type=float, help="MAE's (SimMIM modes: 0.6)")
+    p.add_argument("--simmim_vit_model", default=None,
+                   help="models_simmim ViT of the simmim_vit modes (default: the one of --model's size, "
+                        "e.g. mae_vit_base_patch16 -> simmim_vit_base_patch16); at --input_size, --patch_size")
+    p.add_argument("--simmim_swin_model", default="simmim_swin_base_patch4_window6_192",
+                   help="models_simmim Swin of the simmim_swin modes")
+    p.add_argument("--simmim_input_size", default=None, type=int,
+                   help="image size of the simmim_swin modes (default: the model's own, 192)")
+    p.add_argument("--mask_patch_size", default=None, type=int,
+                   help="SimMIM mask block side in px (default 32); needed for an input size not a multiple of 32")
     p.add_argument("--num_classes", default=1000, type=int, help="finetune head size")
     p.add_argument("--drop_path", default=0.1, type=float, help="finetune drop path rate")
     p.add_argument("--peak_tflops", default=989.0, type=float,
@@ -598,6 +773,12 @@ def main(args):
     args.input_hw = (args.input_size, args.input_size)
     torch.backends.cudnn.benchmark = True
     modes = parse_modes(args.modes)
+    for mode in modes:  # an unknown SimMIM model fails now, not after the other rows
+        if mode.startswith("simmim_"):
+            try:
+                simmim_name(args, mode.split("_")[1])
+            except ValueError as error:
+                raise SystemExit(f"benchmark.py: error: {error}") from error
 
     rows = []
     for mode in modes:
@@ -629,6 +810,10 @@ def print_report(report):
     if "fast" in by_mode and "all_tokens" in by_mode:
         saving = by_mode["all_tokens"]["step_ms"] / by_mode["fast"]["step_ms"]
         print(f"MAE saving (all_tokens step / fast step): {saving:.2f}x (paper: 2.8x-4.1x)")
+    if "fast" in by_mode and "simmim_vit" in by_mode:
+        ratio = by_mode["simmim_vit"]["step_ms"] / by_mode["fast"]["step_ms"]
+        print(f"SimMIM / MAE step ({by_mode['simmim_vit']['model']} / {by_mode['fast']['model']}, "
+              f"fast settings): {ratio:.2f}x")
     if report["data"]:
         d = report["data"]
         fd = d["fast_decode_comparison"]

@@ -1,6 +1,7 @@
 """Tests for benchmark.py: the CLI end to end on a tiny model, the analytic FLOPs, the
-baseline's explicit attention, the all-tokens (encoder w/ mask tokens) variant, the model
-lookup and data pipeline taken from util/, and the peak-memory column."""
+baseline's explicit attention, the all-tokens (encoder w/ mask tokens) variant, the SimMIM modes
+(ViT and Swin: FLOPs, models, masks, optimizer, CLI), the model lookup and data pipeline taken
+from util/, and the peak-memory column."""
 import argparse
 import json
 import os
@@ -14,8 +15,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import benchmark
 import models_mae
+import models_simmim
 import models_vit
 from util import models as util_models
+from util.lr_decay import simmim_param_groups
 from util.datasets import ImageFolderDataset, PretrainTransform, SeededSampler
 
 # conftest's tiny_mae (img 32, patch 8, depth 1, 2 heads, decoder depth 1 with 2 heads) of width
@@ -28,7 +31,9 @@ def tiny_args(**overrides):
     args = dict(model="mae_vit_tiny_patch16", input_size=32, patch_size=8,
                 model_kwargs=dict(embed_dim=8, depth=2, num_heads=2, decoder_embed_dim=4,
                                   decoder_depth=1, decoder_num_heads=2),
-                num_classes=10, drop_path=0.0, mask_ratio=0.75)
+                num_classes=10, drop_path=0.0, mask_ratio=0.75, batch_size=2, seed=0,
+                simmim_vit_model=None, simmim_swin_model="simmim_swin_tiny_patch4_window4_64",
+                simmim_input_size=None, mask_patch_size=None)
     args.update(overrides)
     return argparse.Namespace(**args)
 
@@ -204,6 +209,200 @@ def test_all_tokens_replaces_removed_patches_by_the_mask_token(tiny_mae):
 
 
 # ---------------------------------------------------------------------------------------------
+# SimMIM modes
+# ---------------------------------------------------------------------------------------------
+
+# the SimMIM ViT of tiny_args: img 32, patch 8 -> L = 16 patches, width 8, 2 blocks
+TINY_SIMMIM_VIT = dict(img_size=32, patch_size=8, embed_dim=8, depth=2, num_heads=2)
+# a two-stage Swin at 32 px: 8x8 tokens of width 8 (window 4: four windows), then 4x4 of 16 (one)
+SMALL_SWIN = dict(img_size=32, patch_size=4, embed_dim=8, depths=(1, 1), windows=(4, 4))
+
+
+def test_simmim_flops_formulas_by_hand():
+    # SimMIM ViT, L=16, ppC=192, D=8, depth 1: patch 2*16*192*8 = 49152, block(17, 8) = 35360,
+    # decoder 1x1 conv 2*16*8*192 = 49152
+    assert benchmark.simmim_vit_forward_flops(16, 192, 8, 1) == 133664
+    # a windowed block, 64 tokens of width 8 in 4 windows of 16: linear 2*64*(4*64 + 2*8*32) = 98304,
+    # attention 4 windows x 2*2*16*16*8 = 32768
+    assert benchmark.block_flops(64, 8, window_tokens=16) == 98304 + 4 * 8192
+    assert benchmark.block_flops(17, 4, window_tokens=None) == benchmark.block_flops(17, 4)
+    # Swin: patch embed 2*64*48*8 = 49152; stage 0 block(64, 8, T_w 16) = 131072;
+    # merging 2*16*32*16 = 16384; stage 1 (4x4, C 16, one window of 16) linear
+    # 2*16*(4*256 + 2*16*64) = 98304 + attention 2*2*16*16*16 = 16384; decoder (stride 4*2 = 8)
+    # on the final 4x4 map of width 16: 2*16*16*(8*8*3) = 98304
+    assert benchmark.swin_forward_flops(**SMALL_SWIN) == 49152 + 131072 + 16384 + 114688 + 98304
+
+
+def test_simmim_flops_match_torch_flop_counter():
+    """torch's counter on the real forwards (explicit attention: q k^T and attn v are matmuls it
+    sees) = the formulas exactly: every matrix product is counted, the rest is not a matmul."""
+    torch.manual_seed(0)
+    n = 3
+    vit = models_simmim.simmim_vit_tiny_patch16(**TINY_SIMMIM_VIT)
+    benchmark.use_explicit_attention(vit)
+    with FlopCounterMode(display=False) as counter:
+        vit(torch.randn(n, 3, 32, 32), torch.randint(0, 2, (n, 4, 4)))
+    assert counter.get_total_flops() == n * benchmark.simmim_vit_forward_flops(16, 192, 8, 2)
+
+    swin = models_simmim.simmim_swin_tiny_patch4_window4_64(embed_dim=8, depths=(1, 1), num_heads=(1, 2))
+    benchmark.use_explicit_attention(swin)
+    with FlopCounterMode(display=False) as counter:
+        swin(torch.randn(n, 3, 64, 64), torch.randint(0, 2, (n, 16, 16)))
+    # 64 px: 16x16 tokens in 16 windows of 4x4 (shift none: one block per stage), then 8x8 in 4
+    formula = benchmark.swin_forward_flops(64, 4, 8, (1, 1), (4, 4))
+    assert counter.get_total_flops() == n * formula
+
+    # the default tiny Swin: shifted blocks, windows clipped to the stage resolution (4, 4, 4, 2)
+    swin = models_simmim.simmim_swin_tiny_patch4_window4_64()
+    with FlopCounterMode(display=False) as counter:
+        swin(torch.randn(1, 3, 64, 64), torch.randint(0, 2, (1, 16, 16)))
+    formula = benchmark.swin_forward_flops(64, 4, 32, (2, 2, 2, 2), (4, 4, 4, 2))
+    assert counter.get_total_flops() == formula
+    assert benchmark.train_flops_per_image(swin, "simmim_swin", 0.75) == 3 * formula
+
+
+def test_simmim_train_flops_read_off_the_models():
+    torch.manual_seed(0)
+    vit = models_simmim.simmim_vit_tiny_patch16(**TINY_SIMMIM_VIT)
+    # 2 blocks: patch 49152 + 2 x block(17, 8) 35360 + decoder 49152
+    assert benchmark.train_flops_per_image(vit, "simmim_vit", 0.75) == 3 * 169024
+    assert benchmark.train_flops_per_image(vit, "simmim_vit_baseline", 0.75) == 3 * 169024
+    with torch.device("meta"):  # the official sizes with fewer blocks, no memory
+        swin_b = models_simmim.simmim_swin_base_patch4_window6_192(depths=(1, 1, 2, 1))
+        swin_l = models_simmim.simmim_swin_large_patch4_window12_192(depths=(1, 1, 1, 1))
+    dims = benchmark._swin_dims(swin_b.encoder)
+    assert dims == dict(img_size=192, patch_size=4, embed_dim=128, depths=[1, 1, 2, 1], windows=[6, 6, 6, 6],
+                        mlp_ratio=4.0, in_chans=3)
+    assert benchmark._swin_dims(swin_l.encoder)["windows"] == [12, 12, 12, 6]  # stage 4 clipped (spec 3)
+    flops = benchmark.train_flops_per_image(swin_b, "simmim_swin", 0.75)
+    assert flops == 3 * benchmark.swin_forward_flops(192, 4, 128, (1, 1, 2, 1), (6, 6, 6, 6))
+    # the published encoder figures (multiply-accumulates): Swin-B at 224 15.4 G (Swin paper, Table 1),
+    # ViT-B/16 17.6 G (DeiT); the formulas less their decoder conv, in MACs
+    swin_b_224 = benchmark.swin_forward_flops(224, 4, 128, (2, 2, 18, 2), (7, 7, 7, 7)) - 2 * 49 * 1024 * 3072
+    assert swin_b_224 / 2 == pytest.approx(15.4e9, rel=0.01)
+    vit_b = benchmark.simmim_vit_forward_flops(196, 768, 768, 12) - 2 * 196 * 768 * 768
+    assert vit_b / 2 == pytest.approx(17.6e9, rel=0.01)
+
+
+def test_simmim_models_masks_and_optimizer():
+    cpu = torch.device("cpu")
+    args = tiny_args()
+    torch.manual_seed(0)
+    fast = benchmark.build_model(args, "simmim_vit")
+    assert isinstance(fast.encoder, models_simmim.VisionTransformerForSimMIM)
+    # the encoder of --model's size with tiny_args' encoder kwargs, at --input_size / --patch_size
+    assert benchmark.mode_model_name(args, "simmim_vit") == "simmim_vit_tiny_patch16"
+    assert fast.patch_size == 8 and fast.encoder.patch_embed.img_size == (32, 32)
+    assert fast.encoder.embed_dim == 8 and len(fast.encoder.blocks) == 2
+    assert benchmark.attention_kind(fast) == "sdpa"
+    baseline = benchmark.build_model(args, "simmim_vit_baseline")
+    assert benchmark.attention_kind(baseline) == "explicit"
+    swin = benchmark.build_model(args, "simmim_swin")
+    assert swin.encoder.patch_embed.img_size == (64, 64)  # the factory's own size
+    assert benchmark.attention_kind(swin) == "explicit"  # main_pretrain's Swin: timm's explicit default
+    swin32 = benchmark.build_model(tiny_args(simmim_input_size=32), "simmim_swin_baseline")
+    assert swin32.encoder.patch_embed.img_size == (32, 32)
+
+    # masks: MaskGenerator(64, 32, 4, 0.6): 2x2 blocks, ceil(2.4) = 3 masked, each 8x8 patches
+    imgs, masks = benchmark.synthetic_batch(args, "simmim_swin", swin, cpu)
+    assert imgs.shape == (2, 3, 64, 64) and masks.shape == (2, 16, 16) and masks.dtype == torch.int64
+    assert masks.sum(dim=(1, 2)).tolist() == [192, 192]
+    blocks = masks.reshape(2, 2, 8, 2, 8)
+    assert torch.equal(blocks.amax(dim=(2, 4)), blocks.amin(dim=(2, 4)))  # whole 32 px blocks
+    assert torch.equal(benchmark.simmim_masks(args, swin, cpu), masks)  # seeded with --seed
+    masks16 = benchmark.simmim_masks(tiny_args(mask_patch_size=16), swin, cpu)  # 4x4 blocks, 10 masked
+    assert masks16.sum(dim=(1, 2)).tolist() == [160, 160]
+    vit112 = benchmark.build_model(tiny_args(input_size=112, patch_size=16), "simmim_vit")
+    with pytest.raises(ValueError, match="not divisible.*--mask_patch_size"):
+        benchmark.simmim_masks(args, vit112, cpu)
+    assert benchmark.simmim_masks(tiny_args(mask_patch_size=16), vit112, cpu).shape == (2, 7, 7)
+
+    # AdamW as main_pretrain builds it for SimMIM: simmim_param_groups, betas (0.9, 0.999)
+    for mode, model in (("simmim_vit", fast), ("simmim_swin", swin)):
+        opt = benchmark.build_optimizer(model, mode, cpu)
+        assert opt.defaults["fused"] is True and opt.defaults["betas"] == (0.9, 0.999)
+        expected = simmim_param_groups(model, 0.05)
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+        assert [[id(p) for p in g["params"]] for g in opt.param_groups] == \
+            [[id(p) for p in g["params"]] for g in expected]
+        base = benchmark.build_optimizer(model, mode + "_baseline", cpu)
+        assert base.defaults["foreach"] is False and not base.defaults["fused"]
+        assert base.defaults["betas"] == (0.9, 0.999)
+
+
+def test_simmim_model_names_and_errors(capsys):
+    args = tiny_args(model="mae_vit_base_patch16_dec512d8b")
+    assert benchmark.simmim_name(args, "vit") == "simmim_vit_base_patch16"
+    assert benchmark.simmim_name(tiny_args(simmim_vit_model="simmim_vit_base_patch16"), "vit") == \
+        "simmim_vit_base_patch16"
+    with pytest.raises(ValueError, match="--simmim_vit_model 'simmim_vit_large_patch16' \\(from --model "
+                                         "mae_vit_large_patch16\\)") as error:
+        benchmark.simmim_name(tiny_args(model="mae_vit_large_patch16"), "vit")
+    assert "simmim_vit_base_patch16, simmim_vit_tiny_patch16" in str(error.value)
+    with pytest.raises(ValueError, match="--simmim_swin_model 'simmim_vit_tiny_patch16'") as error:
+        benchmark.simmim_name(tiny_args(simmim_swin_model="simmim_vit_tiny_patch16"), "swin")
+    choices = str(error.value).split("choose one of: ")[1].split(", ")
+    assert choices == ["simmim_swin_base_patch4_window6_192", "simmim_swin_large_patch4_window12_192",
+                       "simmim_swin_tiny_patch4_window4_64"]  # only the Swins
+
+    # the CLI stops before running any row
+    args = parsed_args("--device", "cpu", "--modes", "fast,simmim_swin", "--simmim_swin_model", "simmim_swin_huge")
+    with pytest.raises(SystemExit, match="unknown --simmim_swin_model 'simmim_swin_huge'; choose one of"):
+        benchmark.main(args)
+    assert "running" not in capsys.readouterr().out
+
+
+def test_cli_simmim_modes(tmp_path, monkeypatch, capsys):
+    """Two SimMIM rows on tiny models on the CPU (the ViT of --model at 32 px; the tiny Swin at
+    --simmim_input_size 32, the original's way): named, positive, FLOPs from the formulas, every
+    step clipped at 5 (the four rows together: the slow CLI smoke below)."""
+    clips = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *a, **kw):
+        clips.append(max_norm)
+        return clip(parameters, max_norm, *a, **kw)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    out = tmp_path / "bench.json"
+    args = parsed_args("--device", "cpu", "--model", "mae_vit_tiny_patch16", "--input_size", "32",
+                       "--patch_size", "8", "--model_kwargs", json.dumps(dict(depth=1, decoder_depth=1)),
+                       "--batch_size", "2", "--steps", "1", "--warmup", "1",
+                       "--modes", "simmim_vit,simmim_swin_baseline",
+                       "--simmim_swin_model", "simmim_swin_tiny_patch4_window4_64", "--simmim_input_size", "32",
+                       "--json", str(out))
+    benchmark.main(args)
+    assert clips == [5.0] * 2 * 2  # 2 modes x (1 + 1) steps
+
+    vit, swin = json.loads(out.read_text())["rows"]
+    assert (vit["mode"], vit["model"]) == ("simmim_vit", "simmim_vit_tiny_patch16")
+    assert (swin["mode"], swin["model"]) == ("simmim_swin_baseline", "simmim_swin_tiny_patch4_window4_64")
+    for r in (vit, swin):
+        assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["tflops"] > 0 and r["batch"] == 2
+        assert r["precision"] == "fp32" and r["memory_mb"] > 0
+    assert vit["attention"] == "sdpa" and swin["attention"] == "explicit"
+    assert vit["speedup_vs_baseline"] is None and swin["speedup_vs_baseline"] == 1.0
+    vit_flops = 3 * benchmark.simmim_vit_forward_flops(16, 192, 192, 1)  # tiny ViT width 192, depth 1
+    assert vit["train_gflops_per_image"] == pytest.approx(vit_flops / 1e9)
+    swin_flops = 3 * benchmark.swin_forward_flops(32, 4, 32, (2, 2, 2, 2), (4, 4, 2, 1))
+    assert swin["train_gflops_per_image"] == pytest.approx(swin_flops / 1e9)
+    table = capsys.readouterr().out
+    assert "simmim_swin_tiny_patch4_window4_64" in table and "simmim_swin_baseline" in table
+
+
+def test_speedups_against_the_baseline_of_the_same_task():
+    modes = ["fast", "baseline", "all_tokens", "finetune", "finetune_baseline", "simmim_vit",
+             "simmim_vit_baseline", "simmim_swin", "fast+data"]
+    rows = [dict(mode=m, step_ms=float(10 + i)) for i, m in enumerate(modes)]
+    benchmark.add_speedups(rows)
+    speedup = {r["mode"]: r["speedup_vs_baseline"] for r in rows}
+    assert speedup["fast"] == 11 / 10 and speedup["all_tokens"] == 11 / 12 and speedup["baseline"] == 1.0
+    assert speedup["finetune"] == 14 / 13 and speedup["finetune_baseline"] == 1.0
+    assert speedup["simmim_vit"] == 16 / 15 and speedup["simmim_vit_baseline"] == 1.0
+    assert speedup["simmim_swin"] is None  # no simmim_swin_baseline row
+    assert speedup["fast+data"] is None  # data-bound: not compared
+
+
+# ---------------------------------------------------------------------------------------------
 # Helpers and the CLI
 # ---------------------------------------------------------------------------------------------
 
@@ -356,12 +555,14 @@ def test_cli_smoke_all_modes_and_data(tmp_path, run_script):
                            "--model_kwargs", json.dumps(dict(depth=2, decoder_depth=1)),
                            "--batch_size", "4", "--steps", "2", "--warmup", "1", "--modes", "all",
                            "--data_path", tmp_path / "jpegs", "--num_workers", "1", "--n", "8", "--fast_decode",
-                           "--num_classes", "10", "--json", out, timeout=120)
-    assert "MAE saving" in output and "speedup" in output
+                           "--num_classes", "10", "--simmim_swin_model", "simmim_swin_tiny_patch4_window4_64",
+                           "--simmim_input_size", "32", "--json", out, timeout=180)
+    assert "MAE saving" in output and "speedup" in output and "SimMIM / MAE step" in output
 
     report = json.loads(out.read_text())
     rows = {r["mode"]: r for r in report["rows"]}
-    assert list(rows) == ["fast", "baseline", "all_tokens", "finetune", "finetune_baseline", "fast+data"]
+    assert list(rows) == ["fast", "baseline", "all_tokens", "finetune", "finetune_baseline", "simmim_vit",
+                          "simmim_vit_baseline", "simmim_swin", "simmim_swin_baseline", "fast+data"]
     for r in rows.values():
         assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["tflops"] > 0
         assert r["batch"] == 4 and r["mfu"] is None  # no MFU on the CPU
@@ -376,6 +577,12 @@ def test_cli_smoke_all_modes_and_data(tmp_path, run_script):
     assert rows["finetune_baseline"]["speedup_vs_baseline"] == 1.0
     assert rows["all_tokens"]["train_gflops_per_image"] > rows["fast"]["train_gflops_per_image"]
     assert rows["finetune"]["model"] == "vit_tiny_patch16"
+    assert rows["simmim_vit_baseline"]["model"] == "simmim_vit_tiny_patch16"
+    assert rows["simmim_swin"]["model"] == "simmim_swin_tiny_patch4_window4_64"
+    assert rows["simmim_vit_baseline"]["speedup_vs_baseline"] == 1.0
+    assert rows["simmim_swin_baseline"]["speedup_vs_baseline"] == 1.0
+    assert [rows[m]["attention"] for m in ("simmim_vit", "simmim_vit_baseline", "simmim_swin_baseline")] == \
+        ["sdpa", "explicit", "explicit"]
     data = report["data"]
     assert data["transform_images_per_s_per_core"] > 0 and data["loader_images_per_s_per_worker"] > 0
     assert data["images"] == 8 and data["fast_decode"] is True
