@@ -227,9 +227,7 @@ def load_simmim(args, checkpoint, saved, name):
     --mask_ratio left unset take the checkpoint's, else 32 and 0.6. Loaded strictly."""
     inferred = args.model is None and saved.get("model") is None  # by infer_simmim
     args.model = name
-    for flag, fallback in dict(input_size=None, patch_size=None, mask_patch_size=32, mask_ratio=0.6).items():
-        if getattr(args, flag) is None:
-            setattr(args, flag, saved.get(flag, fallback))
+    take_defaults(args, saved, dict(input_size=None, patch_size=None, mask_patch_size=32, mask_ratio=0.6))
     model = model_from_name(models_simmim, name, SIMMIM_PREFIX, img_size=args.input_size,
                             patch_size=args.patch_size)
     args.input_size, args.patch_size = model.encoder.patch_embed.img_size[0], model.patch_size
@@ -240,22 +238,16 @@ def load_simmim(args, checkpoint, saved, name):
               f"{args.input_size} px, patch {args.patch_size} (the first simmim_* factory whose keys and shapes "
               f"at its default size are the checkpoint's); masks of {args.mask_patch_size} px blocks, ratio "
               f"{args.mask_ratio}: not in the weights (--mask_patch_size, --mask_ratio)")
-    check_state_dict_compat(model, state_dict)  # strict, with a readable error
-    model.load_state_dict(state_dict, strict=True)
-    print(f"Loaded {name} (input {args.input_size}, masks of {args.mask_patch_size} px blocks, ratio "
-          f"{args.mask_ratio}) from {args.checkpoint}")
-    return model
+    return load_strictly(model, state_dict, f"{name} (input {args.input_size}, masks of {args.mask_patch_size} px "
+                         f"blocks, ratio {args.mask_ratio}) from {args.checkpoint}")
 
 
 def load_mae(args, checkpoint):
     """MaskedAutoencoderViT from the checkpoint, built from --model etc., where flags left unset
     take the checkpoint's own args, or what its weights imply when it has none. Loaded strictly."""
     saved, layout = checkpoint_args(checkpoint, args)
-    fallbacks = dict(model=None, input_size=224, patch_size=None, norm_pix_loss=False, num_heads=None,
-                     decoder_num_heads=None, mask_ratio=0.75)
-    for name, fallback in fallbacks.items():
-        if getattr(args, name) is None:
-            setattr(args, name, saved.get(name, fallback))
+    take_defaults(args, saved, dict(model=None, input_size=224, patch_size=None, norm_pix_loss=False, num_heads=None,
+                                    decoder_num_heads=None, mask_ratio=0.75))
     model = model_from_name(models_mae, args.model, "mae_vit_", img_size=args.input_size,
                             patch_size=args.patch_size, norm_pix_loss=args.norm_pix_loss,
                             num_heads=args.num_heads, decoder_num_heads=args.decoder_num_heads, **layout)
@@ -265,10 +257,23 @@ def load_mae(args, checkpoint):
         print(inferred_line(args, layout))
     if state_dict.get("pos_embed", model.pos_embed).shape != model.pos_embed.shape:
         interpolate_pos_embed(model, state_dict)  # another --input_size than the checkpoint's
-    check_state_dict_compat(model, state_dict)  # strict, with a readable error
+    return load_strictly(model, state_dict, f"{args.model} (input {args.input_size}, norm_pix_loss "
+                         f"{args.norm_pix_loss}) from {args.checkpoint}")
+
+
+def take_defaults(args, saved, fallbacks):
+    """Each flag of `fallbacks` left None takes the checkpoint's saved value, else the fallback."""
+    for name, fallback in fallbacks.items():
+        if getattr(args, name) is None:
+            setattr(args, name, saved.get(name, fallback))
+
+
+def load_strictly(model, state_dict, what):
+    """Load state_dict into model strictly (check_state_dict_compat first: a readable error) and
+    print 'Loaded <what>'. Returns the model."""
+    check_state_dict_compat(model, state_dict)
     model.load_state_dict(state_dict, strict=True)
-    print(f"Loaded {args.model} (input {args.input_size}, norm_pix_loss {args.norm_pix_loss}) "
-          f"from {args.checkpoint}")
+    print(f"Loaded {what}")
     return model
 
 
