@@ -44,9 +44,15 @@ class FakeClock:
         return self.now
 
 
-def test_progress_lines_show_epoch_and_run_eta_and_the_epoch_images_per_s(monkeypatch, capsys, make_args):
-    clock = FakeClock()
-    monkeypatch.setattr(misc.time, "time", clock.time)
+@pytest.fixture
+def clock(monkeypatch):
+    """A FakeClock standing in for the time.time() that util.misc's progress lines read."""
+    fake = FakeClock()
+    monkeypatch.setattr(misc.time, "time", fake.time)
+    return fake
+
+
+def test_progress_lines_show_epoch_and_run_eta_and_the_epoch_images_per_s(clock, capsys, make_args):
     # epoch 1 of 5: 3 epochs after this one; 4 iterations of 8 images, 2 s each
     log = misc.TrainingLog(1, 0, 4, make_args("pretrain", "--epochs", 5, "--batch_size", 8, "--log_freq", 2), None)
     for i, _ in log.iterate([None] * 4):
@@ -61,9 +67,7 @@ def test_progress_lines_show_epoch_and_run_eta_and_the_epoch_images_per_s(monkey
     assert "Epoch: [1] Total time: 0:00:08 (2.0000 s / it, 4.0 images/s)" in lines  # 32 images in 8 s
 
 
-def test_last_epoch_run_eta_is_the_epoch_eta_and_evaluation_shows_none(monkeypatch, capsys, make_args):
-    clock = FakeClock()
-    monkeypatch.setattr(misc.time, "time", clock.time)
+def test_last_epoch_run_eta_is_the_epoch_eta_and_evaluation_shows_none(clock, capsys, make_args):
     log = misc.TrainingLog(4, 0, 3, make_args("finetune", "--epochs", 5, "--batch_size", 2, "--log_freq", 10), None)
     for i, _ in log.iterate([None] * 3):
         clock.now += 1.0
