@@ -28,7 +28,7 @@ from util.checkpoint import load_pretrained_encoder
 from util.datasets import build_classification_loaders, build_linprobe_transform
 from util.dist import wrap_model
 from util.lars import LARS
-from util.models import build_classifier
+from util.models import SIMMIM_CLASSIFIER_PREFIXES, build_classifier
 from util.precision import NativeScalerWithGradNormCount
 
 
@@ -63,10 +63,6 @@ def init_from_pretrained(model, args):
     """--finetune: the encoder of a pretraining checkpoint, then head.weight ~ trunc_normal(std 0.01)."""
     load_pretrained_encoder(model, args.finetune, unsafe=args.unsafe_load)
     trunc_normal_(model.head.weight, std=0.01)  # manually initialize fc layer: following MoCo v3
-
-
-# SimMIM's classifiers (models_vit.beit_*, models_swin.swin_*): probed on mean-pooled patch tokens
-SIMMIM_CLASSIFIER_PREFIXES = ("beit_", "swin_")
 
 
 def resolve_probe_pooling(args):

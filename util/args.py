@@ -12,9 +12,9 @@ import sys
 from PIL import Image
 
 import models_mae
-from util.models import is_simmim, model_patch_size
+from util.models import SIMMIM_CLASSIFIER_PREFIXES, SIMMIM_PREFIX, is_simmim, model_patch_size
 
-SIMMIM_RECIPE_PREFIXES = ("simmim_", "beit_", "swin_")  # the --model names that take SimMIM's recipe
+SIMMIM_RECIPE_PREFIXES = (SIMMIM_PREFIX, *SIMMIM_CLASSIFIER_PREFIXES)  # the --model names that take SimMIM's recipe
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -9,6 +9,7 @@ import models_swin
 import models_vit
 
 SIMMIM_PREFIX = "simmim_"  # --model simmim_* pretrains with SimMIM (models_simmim), mae_vit_* with MAE
+SIMMIM_CLASSIFIER_PREFIXES = ("beit_", "swin_")  # the classifiers a SimMIM encoder is finetuned / probed as
 
 
 def is_simmim(name):
